@@ -1,0 +1,190 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/hsmbridge/hsmbridge/hsm"
+	"github.com/hsmbridge/hsmbridge/internal/config"
+	"github.com/hsmbridge/hsmbridge/keystore"
+	"github.com/hsmbridge/hsmbridge/keystore/api"
+	"github.com/hsmbridge/hsmbridge/keystore/store"
+)
+
+// serve loads the configuration, starts the daemon and runs it until ctx ends.
+func serve(ctx context.Context, configPath string, stderr io.Writer) error {
+	cfg, err := config.Load(configPath)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg.Log, stderr)
+	d, err := openDaemon(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	ln, err := listen(cfg)
+	if err != nil {
+		return errors.Join(err, d.close(context.Background()))
+	}
+	log.Info("serving", "listen", cfg.Listen, "clusters", len(d.clusters), "version", version)
+	return d.run(ctx, ln)
+}
+
+func newLogger(c config.Log, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level)) // validated by config
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// daemon is everything serve opened, in the order it opened it.
+type daemon struct {
+	cfg      *config.Config
+	log      *slog.Logger
+	store    store.Store
+	clusters []*hsm.Cluster
+	server   *api.Server
+}
+
+// openDaemon opens the store, then each cluster in turn (serially, so a bad PIN is tried
+// once and start-up stops at it), repairs what a crash left, and builds the API.
+func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *daemon, err error) {
+	d := &daemon{cfg: cfg, log: log}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, d.close(context.Background()))
+		}
+	}()
+	if d.store, err = store.OpenSQLite(ctx, cfg.Store.Path); err != nil {
+		return nil, err
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := api.NewMetrics(reg, reg, version)
+	var bound []keystore.Cluster
+	for i, cc := range cfg.Clusters {
+		cl, err := openCluster(ctx, cc, metrics)
+		if err != nil {
+			return nil, fmt.Errorf("clusters[%d]: %w", i, err)
+		}
+		d.clusters = append(d.clusters, cl)
+		bound = append(bound, keystore.Cluster{Type: cc.Type, Cluster: cl})
+		log.Info("cluster ready", "cluster", cc.ID, "token_label", cl.Token().Label, "token_serial", cl.Token().Serial,
+			"pool_size", cl.Stats().MaxSessions, "pin", cc.PIN)
+	}
+	reg.MustRegister(api.NewPoolCollector(d.clusters))
+	svc := keystore.New(d.store, bound, keystore.WithLogger(log))
+	if err := svc.Reconcile(ctx); err != nil {
+		return nil, err
+	}
+	auth, err := api.LoadTokenFile(cfg.Auth.TokenFile)
+	if err != nil {
+		return nil, err
+	}
+	d.server = api.NewServer(api.Config{
+		Service: svc, Auth: auth, Clusters: d.clusters, Metrics: metrics, Log: log,
+		RequestTimeout: cfg.Server.RequestTimeout.Duration,
+	})
+	return d, nil
+}
+
+func openCluster(ctx context.Context, cc config.Cluster, m *api.Metrics) (*hsm.Cluster, error) {
+	pin, err := cc.PIN.Read()
+	if err != nil {
+		return nil, fmt.Errorf("cluster %s: %w", cc.ID, err)
+	}
+	hc := hsm.ClusterConfig{
+		ID: cc.ID, ModulePath: cc.Module, TokenSerial: cc.Token.Serial, TokenLabel: cc.Token.Label,
+		PIN: pin, PoolSize: cc.PoolSize,
+		IdentityKeyLabel: cc.Identity.KeyLabel, IdentityCertLabel: cc.Identity.CertLabel,
+		Interceptor: m.HSMCalls(cc.ID), OnAcquireWait: m.AcquireWait(cc.ID),
+	}
+	if cc.Identity.CertFile != "" {
+		if hc.IdentityCertPEM, err = os.ReadFile(cc.Identity.CertFile); err != nil {
+			return nil, fmt.Errorf("cluster %s: identity certificate: %w", cc.ID, err)
+		}
+	}
+	return hsm.OpenCluster(ctx, hc)
+}
+
+// listen opens the configured TCP address or Unix socket (mode 0660, for the frontend's group).
+func listen(cfg *config.Config) (net.Listener, error) {
+	network, addr := cfg.ListenNetwork()
+	if network == "unix" {
+		if fi, err := os.Lstat(addr); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			_ = os.Remove(addr) // a stale socket of an earlier run
+		}
+	}
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	if network == "unix" {
+		if err := os.Chmod(addr, 0o660); err != nil {
+			return nil, errors.Join(fmt.Errorf("listen %s: %w", cfg.Listen, err), ln.Close())
+		}
+	}
+	return ln, nil
+}
+
+// run serves on ln until ctx ends, then shuts down in reverse order of start-up: /readyz
+// fails, HTTP drains (bounded), pools and modules close, the store closes.
+func (d *daemon) run(ctx context.Context, ln net.Listener) error {
+	s := d.cfg.Server
+	srv := &http.Server{
+		Handler:           d.server,
+		ReadHeaderTimeout: s.ReadHeaderTimeout.Duration,
+		ReadTimeout:       s.ReadTimeout.Duration,
+		WriteTimeout:      s.WriteTimeout.Duration,
+		IdleTimeout:       s.IdleTimeout.Duration,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
+		// Requests must not inherit ctx: SIGTERM would cancel them instead of draining them.
+		BaseContext: func(net.Listener) context.Context { return context.Background() },
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	var err error
+	select {
+	case err = <-served:
+	case <-ctx.Done():
+		d.log.Info("shutting down", "grace", s.ShutdownTimeout.Duration.String())
+		d.server.SetDraining()
+		sctx, cancel := context.WithTimeout(context.Background(), s.ShutdownTimeout.Duration)
+		defer cancel()
+		err = srv.Shutdown(sctx)
+		<-served
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	cctx, cancel := context.WithTimeout(context.Background(), s.ShutdownTimeout.Duration)
+	defer cancel()
+	return errors.Join(err, d.close(cctx))
+}
+
+// close releases what openDaemon opened, in reverse order.
+func (d *daemon) close(ctx context.Context) error {
+	var errs []error
+	for i := len(d.clusters) - 1; i >= 0; i-- {
+		errs = append(errs, d.clusters[i].Close(ctx))
+	}
+	d.clusters = nil
+	if d.store != nil {
+		errs = append(errs, d.store.Close())
+		d.store = nil
+	}
+	return errors.Join(errs...)
+}

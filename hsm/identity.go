@@ -1,0 +1,72 @@
+package hsm
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"fmt"
+	"math/big"
+
+	"github.com/miekg/pkcs11"
+)
+
+// ProveIdentity checks that the token holds the private key of the cluster's identity
+// certificate: it signs a fresh random challenge on the token with the identity key and
+// verifies the signature with the certificate's public key. A certificate that merely chains
+// to the right CA proves nothing about the slot; this does.
+func (c *Cluster) ProveIdentity(ctx context.Context) error {
+	if c.cert == nil {
+		return fmt.Errorf("cluster %s: %w: no identity configured", c.id, ErrIdentity)
+	}
+	challenge := make([]byte, 32)
+	if _, err := rand.Read(challenge); err != nil {
+		return fmt.Errorf("cluster %s: challenge: %w", c.id, err)
+	}
+	digest := sha256.Sum256(challenge)
+	var mech uint
+	var input []byte
+	switch c.cert.PublicKey.(type) {
+	case *ecdsa.PublicKey:
+		mech, input = pkcs11.CKM_ECDSA, digest[:]
+	case *rsa.PublicKey:
+		mech, input = pkcs11.CKM_SHA256_RSA_PKCS, challenge
+	default:
+		return fmt.Errorf("cluster %s: %w: identity key type %T not supported", c.id, ErrIdentity, c.cert.PublicKey)
+	}
+	sig, err := Do(ctx, c.pool, func(s *Session) ([]byte, error) {
+		key, err := s.findOne([]*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, c.keyLabel),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("identity key %q: %w", c.keyLabel, err)
+		}
+		return s.sign(key, mech, input)
+	})
+	if err != nil {
+		return fmt.Errorf("cluster %s: prove identity: %w", c.id, err)
+	}
+	if !verifyIdentity(c.cert.PublicKey, digest[:], sig) {
+		return fmt.Errorf("cluster %s: %w: the token's key %q does not match the identity certificate", c.id, ErrIdentity, c.keyLabel)
+	}
+	return nil
+}
+
+func verifyIdentity(pub crypto.PublicKey, digest, sig []byte) bool {
+	switch pub := pub.(type) {
+	case *ecdsa.PublicKey:
+		if len(sig)%2 != 0 {
+			return false
+		}
+		// PKCS#11 returns r‖s, each half the signature.
+		r := new(big.Int).SetBytes(sig[:len(sig)/2])
+		s := new(big.Int).SetBytes(sig[len(sig)/2:])
+		return ecdsa.Verify(pub, digest, r, s)
+	case *rsa.PublicKey:
+		return rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest, sig) == nil
+	}
+	return false
+}

@@ -1,0 +1,108 @@
+package hsm
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+)
+
+// A module is one PKCS#11 library, initialised while at least one cluster uses it.
+//
+// Libraries are loaded once per process and never unloaded: miekg/pkcs11 advises against
+// loading one twice, and dlclose of SoftHSM 2.6 has crashed in Ctx.Destroy
+// (containers/ocicrypt#96). C_Initialize runs on the first reference and C_Finalize after
+// the last is dropped, which is after every session of every pool on it is closed.
+type module struct {
+	path string
+	ctx  *pkcs11.Ctx
+	// serialise is set when the library refused OS locking: calls must then not overlap.
+	serialise bool
+	callMu    sync.Mutex // held around each call when serialise is set
+	refs      int
+}
+
+var modules = struct {
+	sync.Mutex
+	loaded map[string]*module // by resolved path
+}{loaded: map[string]*module{}}
+
+// openModule returns the module at path, initialised, with one more reference. The path
+// must be absolute (no dlopen search path) and is resolved through symlinks, so two
+// spellings of one file share one context.
+func openModule(path string) (*module, error) {
+	if !filepath.IsAbs(path) {
+		return nil, fmt.Errorf("module %q: path must be absolute", path)
+	}
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return nil, fmt.Errorf("module %s: %w", path, err)
+	}
+	modules.Lock()
+	defer modules.Unlock()
+	m := modules.loaded[real]
+	if m == nil {
+		ctx := pkcs11.New(real)
+		if ctx == nil {
+			return nil, fmt.Errorf("module %s: cannot load the PKCS#11 library", path)
+		}
+		m = &module{path: real, ctx: ctx}
+		modules.loaded[real] = m
+	}
+	if m.refs == 0 {
+		if err := m.initialize(); err != nil {
+			return nil, fmt.Errorf("module %s: %w", path, err)
+		}
+	}
+	m.refs++
+	return m, nil
+}
+
+func (m *module) initialize() error {
+	err := m.ctx.Initialize()
+	if errors.Is(err, pkcs11.Error(pkcs11.CKR_CANT_LOCK)) {
+		// The library cannot use OS locks: initialise without locking arguments and keep
+		// our own calls from overlapping instead.
+		err = m.ctx.Initialize(pkcs11.InitializeWithFlags(0))
+		m.serialise = err == nil
+	}
+	if errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+		err = nil
+	}
+	if err != nil {
+		return fmt.Errorf("C_Initialize: %w", err)
+	}
+	return nil
+}
+
+// api returns what clusters on this module call: the context, serialised if it must be.
+func (m *module) api() PKCS11 {
+	if !m.serialise {
+		return m.ctx
+	}
+	return Intercept(m.ctx, func(_ string, call func() error) error {
+		m.callMu.Lock()
+		defer m.callMu.Unlock()
+		return call()
+	})
+}
+
+// drop releases one reference; the last one finalizes the library. Callers must have closed
+// every session they opened on it first.
+func (m *module) drop() error {
+	modules.Lock()
+	defer modules.Unlock()
+	if m.refs <= 0 {
+		return fmt.Errorf("module %s: released more often than opened", m.path)
+	}
+	m.refs--
+	if m.refs > 0 {
+		return nil
+	}
+	if err := m.ctx.Finalize(); err != nil {
+		return fmt.Errorf("module %s: C_Finalize: %w", m.path, err)
+	}
+	return nil
+}

@@ -1,0 +1,458 @@
+// Package config decodes, defaults and validates the hsmbridge daemon's YAML
+// configuration file.
+//
+// Load is the entry point. It decodes the file strictly (unknown keys,
+// duplicate keys and a second YAML document are errors, reported with file
+// and line), fills in defaults, resolves relative paths and then calls
+// Validate, which reports every problem at once rather than the first.
+//
+// Relative paths (store.path, auth.token_file, clusters[].identity.cert_file,
+// clusters[].pin.file and a unix: listen address) are resolved against the
+// directory containing the config file, so the daemon means the same files
+// whatever its working directory. clusters[].module is the exception: it must
+// be absolute.
+//
+// The package touches the file system only to read the config file and, in
+// PINSource.Read, a PIN file or systemd credential. Whether the other files
+// named in the config exist is checked by the code that opens them.
+package config
+
+import (
+	"bytes"
+	"cmp"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	yaml "go.yaml.in/yaml/v3"
+)
+
+// Config is the daemon's whole configuration.
+type Config struct {
+	// Listen is a TCP "host:port" or "unix:/path/to.sock"; default "127.0.0.1:8080".
+	Listen string `yaml:"listen"`
+	// Region is the region id reported in API responses; default "local-1".
+	Region   string    `yaml:"region"`
+	Store    Store     `yaml:"store"`
+	Auth     Auth      `yaml:"auth"`
+	Clusters []Cluster `yaml:"clusters"`
+	Log      Log       `yaml:"log"`
+	Server   Server    `yaml:"server"`
+}
+
+// Store selects the metadata database.
+type Store struct {
+	// Driver is the database driver; default "sqlite", the only one in this build.
+	Driver string `yaml:"driver"`
+	// Path is the SQLite database file; required for sqlite.
+	Path string `yaml:"path"`
+}
+
+// Auth configures API authentication.
+type Auth struct {
+	// TokenFile maps X-Auth-Token values to a domain and its projects. It is
+	// read by the auth package; here it is only required to be set.
+	TokenFile string `yaml:"token_file"`
+}
+
+// Log configures the daemon's logger.
+type Log struct {
+	Level  string `yaml:"level"`  // debug, info (default), warn or error
+	Format string `yaml:"format"` // json (default) or text
+}
+
+// Server holds the HTTP server's timeouts. A zero value means the default,
+// so a timeout cannot be disabled.
+type Server struct {
+	ReadHeaderTimeout Duration `yaml:"read_header_timeout"` // default 5s
+	ReadTimeout       Duration `yaml:"read_timeout"`        // default 30s
+	WriteTimeout      Duration `yaml:"write_timeout"`       // default 30s
+	IdleTimeout       Duration `yaml:"idle_timeout"`        // default 120s
+	ShutdownTimeout   Duration `yaml:"shutdown_timeout"`    // default 15s
+	// RequestTimeout bounds a whole request, including the wait for a pooled
+	// HSM session; default 5s. It must be shorter than WriteTimeout, or the
+	// connection is cut before the timeout response can be written.
+	RequestTimeout Duration `yaml:"request_timeout"`
+}
+
+// Cluster types, as reported by the KMS dedicated keystore API.
+const (
+	ClusterTypeDHSM = "DHSM"
+	ClusterTypeCDMS = "CDMS"
+)
+
+// Cluster is one PKCS#11 HSM cluster exposed as a dedicated keystore.
+type Cluster struct {
+	// ID names the cluster in the API; ^[a-zA-Z0-9_-]{1,64}$, unique.
+	ID string `yaml:"id"`
+	// Type is ClusterTypeDHSM (default) or ClusterTypeCDMS.
+	Type string `yaml:"type"`
+	// Module is the PKCS#11 module to load. It must be absolute so that
+	// dlopen never searches the library path for it.
+	Module   string    `yaml:"module"`
+	Token    TokenSel  `yaml:"token"`
+	PIN      PINSource `yaml:"pin"`
+	PoolSize int       `yaml:"pool_size"` // sessions kept open; default 4, 1..256
+	Identity Identity  `yaml:"identity"`
+}
+
+// TokenSel selects the cluster's token by serial number and/or label; at
+// least one is required, and if both are set both must match. Slot numbers are
+// deliberately not supported: SoftHSM and real HSMs renumber slots when tokens
+// are added, removed or re-initialised, so a slot number can silently select
+// the wrong token.
+type TokenSel struct {
+	Serial string `yaml:"serial"`
+	Label  string `yaml:"label"`
+}
+
+// Identity names the cluster's identity key pair: a private key on the token
+// and its certificate, either on the token or in a PEM file.
+type Identity struct {
+	KeyLabel  string `yaml:"key_label"`  // label of the private key on the token; required
+	CertLabel string `yaml:"cert_label"` // label of a certificate object on the token, or
+	CertFile  string `yaml:"cert_file"`  // a PEM file; exactly one of the two
+}
+
+// Duration is a time.Duration written in YAML as a Go duration string such
+// as "250ms" or "30s".
+type Duration struct{ time.Duration }
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return lineError(n, "want a Go duration such as \"250ms\" or \"30s\"")
+	}
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return lineError(n, "invalid duration %q: want a Go duration such as \"250ms\" or \"30s\"", n.Value)
+	}
+	d.Duration = v
+	return nil
+}
+
+// lineError reports a decoding problem at n's line in the form yaml.v3 uses
+// for its own errors, so that decodeError rewrites all of them alike.
+func lineError(n *yaml.Node, format string, args ...any) *yaml.TypeError {
+	return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: %s", n.Line, fmt.Sprintf(format, args...))}}
+}
+
+// Load reads, decodes, defaults and validates the config file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	dir, err := filepath.Abs(filepath.Dir(path))
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	var c Config
+	if err := decode(path, data, &c); err != nil {
+		return nil, err
+	}
+	c.setDefaults()
+	c.resolvePaths(dir)
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("%s: invalid configuration:\n%w", path, err)
+	}
+	return &c, nil
+}
+
+// decode decodes exactly one YAML document from data into c, rejecting
+// unknown keys. file is used only in error messages.
+func decode(file string, data []byte, c *Config) error {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(c); errors.Is(err, io.EOF) {
+		return fmt.Errorf("%s: file is empty", file)
+	} else if err != nil {
+		return decodeError(file, err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); errors.Is(err, io.EOF) {
+		return nil
+	} else if err != nil {
+		return decodeError(file, err)
+	}
+	return fmt.Errorf("%s:%d: a second YAML document starts here; the config must be a single document", file, extra.Line)
+}
+
+var (
+	yamlLineMsg    = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
+	yamlUnknownKey = regexp.MustCompile(`^field (\S+) not found in type (\S+)$`)
+	keysByType     = yamlKeys(Config{}, Store{}, Auth{}, Log{}, Server{}, Cluster{}, TokenSel{}, Identity{})
+)
+
+// yamlKeys maps each struct's Go type name, as yaml.v3 prints it, to its YAML
+// keys, so that an unknown-key error can list the keys that are allowed there.
+func yamlKeys(structs ...any) map[string][]string {
+	m := make(map[string][]string)
+	for _, s := range structs {
+		t := reflect.TypeOf(s)
+		for i := range t.NumField() {
+			key, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ",")
+			m[t.String()] = append(m[t.String()], key)
+		}
+	}
+	return m
+}
+
+// decodeError rewrites yaml.v3's "line N: ..." messages into "file:N: ...",
+// one error per problem, with unknown fields reported as unknown keys.
+func decodeError(file string, err error) error {
+	msgs := []string{err.Error()}
+	if te, ok := errors.AsType[*yaml.TypeError](err); ok {
+		msgs = te.Errors
+	}
+	errs := make([]error, len(msgs))
+	for i, msg := range msgs {
+		m := yamlLineMsg.FindStringSubmatch(msg)
+		if m == nil {
+			errs[i] = fmt.Errorf("%s: %s", file, strings.TrimPrefix(msg, "yaml: "))
+			continue
+		}
+		line, text := m[1], m[2]
+		if u := yamlUnknownKey.FindStringSubmatch(text); u != nil {
+			text = fmt.Sprintf("unknown key %q", u[1])
+			if keys := keysByType[u[2]]; keys != nil {
+				text += " (expected one of: " + strings.Join(keys, ", ") + ")"
+			}
+		}
+		errs[i] = fmt.Errorf("%s:%s: %s", file, line, text)
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Config) setDefaults() {
+	c.Listen = cmp.Or(c.Listen, "127.0.0.1:8080")
+	c.Region = cmp.Or(c.Region, "local-1")
+	c.Store.Driver = cmp.Or(c.Store.Driver, "sqlite")
+	c.Log.Level = cmp.Or(c.Log.Level, "info")
+	c.Log.Format = cmp.Or(c.Log.Format, "json")
+	s := &c.Server
+	s.ReadHeaderTimeout = cmp.Or(s.ReadHeaderTimeout, Duration{5 * time.Second})
+	s.ReadTimeout = cmp.Or(s.ReadTimeout, Duration{30 * time.Second})
+	s.WriteTimeout = cmp.Or(s.WriteTimeout, Duration{30 * time.Second})
+	s.IdleTimeout = cmp.Or(s.IdleTimeout, Duration{120 * time.Second})
+	s.ShutdownTimeout = cmp.Or(s.ShutdownTimeout, Duration{15 * time.Second})
+	s.RequestTimeout = cmp.Or(s.RequestTimeout, Duration{5 * time.Second})
+	for i := range c.Clusters {
+		cl := &c.Clusters[i]
+		cl.Type = cmp.Or(cl.Type, ClusterTypeDHSM)
+		cl.PoolSize = cmp.Or(cl.PoolSize, 4)
+	}
+}
+
+// resolvePaths makes relative file paths relative to dir, the config file's
+// directory. Module is left alone: Validate requires it to be absolute.
+func (c *Config) resolvePaths(dir string) {
+	resolve := func(p *string) {
+		if *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(dir, *p)
+		}
+	}
+	if sock, ok := strings.CutPrefix(c.Listen, "unix:"); ok {
+		resolve(&sock)
+		c.Listen = "unix:" + sock
+	}
+	resolve(&c.Store.Path)
+	resolve(&c.Auth.TokenFile)
+	for i := range c.Clusters {
+		resolve(&c.Clusters[i].Identity.CertFile)
+		resolve(&c.Clusters[i].PIN.File)
+	}
+}
+
+// ListenNetwork returns the network and address to pass to net.Listen.
+func (c *Config) ListenNetwork() (network, address string) {
+	if sock, ok := strings.CutPrefix(c.Listen, "unix:"); ok {
+		return "unix", sock
+	}
+	return "tcp", c.Listen
+}
+
+// Validate checks c as the daemon will use it, that is after defaults, and
+// returns every problem found, joined with errors.Join, each prefixed with
+// the path of the offending key. It reads no files and no PINs.
+func (c *Config) Validate() error {
+	var errs []error
+	errs = append(errs, validateListen(c.Listen)...)
+	if c.Region == "" {
+		errs = append(errs, problem("region", "required"))
+	}
+	errs = append(errs, c.Store.validate("store")...)
+	errs = append(errs, c.Auth.validate("auth")...)
+	errs = append(errs, c.Log.validate("log")...)
+	errs = append(errs, c.Server.validate("server")...)
+	errs = append(errs, validateClusters(c.Clusters)...)
+	return errors.Join(errs...)
+}
+
+// problem returns a validation error for the config key at path.
+func problem(path, format string, args ...any) error {
+	return fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...))
+}
+
+func validateListen(listen string) []error {
+	if sock, ok := strings.CutPrefix(listen, "unix:"); ok {
+		if sock == "" {
+			return []error{problem("listen", "unix: needs a socket path, e.g. unix:/run/hsmbridge/api.sock")}
+		}
+		return nil
+	}
+	_, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return []error{problem("listen", "want host:port or unix:/path: %v", err)}
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return []error{problem("listen", "port must be a number from 0 to 65535, got %q", port)}
+	}
+	return nil
+}
+
+func (s Store) validate(path string) []error {
+	if s.Driver != "sqlite" {
+		return []error{problem(path+".driver", "%q is not available: only sqlite is available in this build", s.Driver)}
+	}
+	if s.Path == "" {
+		return []error{problem(path+".path", "required for the sqlite driver")}
+	}
+	return nil
+}
+
+func (a Auth) validate(path string) []error {
+	if a.TokenFile == "" {
+		return []error{problem(path+".token_file", "required")}
+	}
+	return nil
+}
+
+func (l Log) validate(path string) []error {
+	var errs []error
+	if !slices.Contains([]string{"debug", "info", "warn", "error"}, l.Level) {
+		errs = append(errs, problem(path+".level", "must be debug, info, warn or error, got %q", l.Level))
+	}
+	if l.Format != "json" && l.Format != "text" {
+		errs = append(errs, problem(path+".format", "must be json or text, got %q", l.Format))
+	}
+	return errs
+}
+
+func (s Server) validate(path string) []error {
+	var errs []error
+	for _, t := range []struct {
+		key string
+		d   Duration
+	}{
+		{"read_header_timeout", s.ReadHeaderTimeout},
+		{"read_timeout", s.ReadTimeout},
+		{"write_timeout", s.WriteTimeout},
+		{"idle_timeout", s.IdleTimeout},
+		{"shutdown_timeout", s.ShutdownTimeout},
+		{"request_timeout", s.RequestTimeout},
+	} {
+		if t.d.Duration <= 0 {
+			errs = append(errs, problem(path+"."+t.key, "must be positive, got %s", t.d))
+		}
+	}
+	if s.RequestTimeout.Duration > 0 && s.RequestTimeout.Duration >= s.WriteTimeout.Duration {
+		errs = append(errs, problem(path+".request_timeout", "must be shorter than write_timeout (%s), got %s", s.WriteTimeout, s.RequestTimeout))
+	}
+	return errs
+}
+
+func validateClusters(clusters []Cluster) []error {
+	if len(clusters) == 0 {
+		return []error{problem("clusters", "at least one cluster required")}
+	}
+	var errs []error
+	ids := make(map[string]int)
+	// Two clusters on one token would share its sessions and login state.
+	type tokenKey struct{ module, field, value string }
+	tokens := make(map[tokenKey]int)
+	for i, cl := range clusters {
+		path := fmt.Sprintf("clusters[%d]", i)
+		errs = append(errs, cl.validate(path)...)
+		if j, dup := ids[cl.ID]; dup && cl.ID != "" {
+			errs = append(errs, problem(path+".id", "%q duplicates clusters[%d]", cl.ID, j))
+		} else {
+			ids[cl.ID] = i
+		}
+		for _, sel := range []struct{ field, value string }{{"serial", cl.Token.Serial}, {"label", cl.Token.Label}} {
+			if cl.Module == "" || sel.value == "" {
+				continue
+			}
+			k := tokenKey{filepath.Clean(cl.Module), sel.field, sel.value}
+			if j, dup := tokens[k]; dup {
+				errs = append(errs, problem(path+".token", "%s %q on module %s is already used by clusters[%d]", sel.field, sel.value, cl.Module, j))
+			} else {
+				tokens[k] = i
+			}
+		}
+	}
+	return errs
+}
+
+var clusterID = regexp.MustCompile(`^[a-zA-Z0-9_-]{1,64}$`)
+
+func (c Cluster) validate(path string) []error {
+	var errs []error
+	switch {
+	case c.ID == "":
+		errs = append(errs, problem(path+".id", "required"))
+	case !clusterID.MatchString(c.ID):
+		errs = append(errs, problem(path+".id", "%q must match %s", c.ID, clusterID))
+	}
+	if c.Type != ClusterTypeDHSM && c.Type != ClusterTypeCDMS {
+		errs = append(errs, problem(path+".type", "must be %s or %s, got %q", ClusterTypeDHSM, ClusterTypeCDMS, c.Type))
+	}
+	switch {
+	case c.Module == "":
+		errs = append(errs, problem(path+".module", "required"))
+	case !filepath.IsAbs(c.Module):
+		errs = append(errs, problem(path+".module", "must be an absolute path, got %q", c.Module))
+	}
+	errs = append(errs, c.Token.validate(path+".token")...)
+	errs = append(errs, c.PIN.validate(path+".pin")...)
+	if c.PoolSize < 1 || c.PoolSize > 256 {
+		errs = append(errs, problem(path+".pool_size", "must be between 1 and 256, got %d", c.PoolSize))
+	}
+	errs = append(errs, c.Identity.validate(path+".identity")...)
+	return errs
+}
+
+func (t TokenSel) validate(path string) []error {
+	if t.Serial == "" && t.Label == "" {
+		return []error{problem(path, "serial or label required")}
+	}
+	// CK_TOKEN_INFO holds these in fixed-size fields; a longer value can never match.
+	var errs []error
+	if len(t.Serial) > 16 {
+		errs = append(errs, problem(path+".serial", "longer than the 16 bytes PKCS#11 allows"))
+	}
+	if len(t.Label) > 32 {
+		errs = append(errs, problem(path+".label", "longer than the 32 bytes PKCS#11 allows"))
+	}
+	return errs
+}
+
+func (id Identity) validate(path string) []error {
+	var errs []error
+	if id.KeyLabel == "" {
+		errs = append(errs, problem(path+".key_label", "required"))
+	}
+	if (id.CertLabel == "") == (id.CertFile == "") {
+		errs = append(errs, problem(path, "exactly one of cert_label or cert_file"))
+	}
+	return errs
+}

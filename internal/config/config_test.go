@@ -1,0 +1,435 @@
+package config
+
+import (
+	"bytes"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func dur(d time.Duration) Duration { return Duration{d} }
+
+func TestLoadValid(t *testing.T) {
+	dir, err := filepath.Abs("testdata")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		file string
+		want Config
+	}{
+		{
+			file: "full.yaml",
+			want: Config{
+				Listen: "unix:" + filepath.Join(dir, "run/hsmbridge.sock"),
+				Region: "cn-north-4",
+				Store:  Store{Driver: "sqlite", Path: filepath.Join(dir, "data/hsmbridge.db")},
+				Auth:   Auth{TokenFile: filepath.Join(dir, "tokens.yaml")},
+				Log:    Log{Level: "debug", Format: "text"},
+				Server: Server{
+					ReadHeaderTimeout: dur(2 * time.Second),
+					ReadTimeout:       dur(10 * time.Second),
+					WriteTimeout:      dur(20 * time.Second),
+					IdleTimeout:       dur(time.Minute),
+					ShutdownTimeout:   dur(3 * time.Second),
+					RequestTimeout:    dur(2500 * time.Millisecond),
+				},
+				Clusters: []Cluster{
+					{
+						ID:       "dev-1",
+						Type:     "CDMS",
+						Module:   "/usr/lib/softhsm/libsofthsm2.so",
+						Token:    TokenSel{Serial: "5e3c9a1b2f4d6e70", Label: "hsmbridge-dev"},
+						PIN:      PINSource{File: filepath.Join(dir, "secrets/pin")},
+						PoolSize: 8,
+						Identity: Identity{KeyLabel: "identity", CertFile: filepath.Join(dir, "certs/identity.pem")},
+					},
+					{
+						ID:       "dev_2",
+						Type:     "DHSM",
+						Module:   "/usr/lib/softhsm/libsofthsm2.so",
+						Token:    TokenSel{Label: "hsmbridge-dev2"},
+						PIN:      PINSource{SystemdCredential: "dev2-pin"},
+						PoolSize: 1,
+						Identity: Identity{KeyLabel: "identity", CertLabel: "identity-cert"},
+					},
+				},
+			},
+		},
+		{
+			file: "minimal.yaml",
+			want: Config{
+				Listen: "127.0.0.1:8080",
+				Region: "local-1",
+				Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/hsmbridge.db"},
+				Auth:   Auth{TokenFile: "/etc/hsmbridge/tokens.yaml"},
+				Log:    Log{Level: "info", Format: "json"},
+				Server: Server{
+					ReadHeaderTimeout: dur(5 * time.Second),
+					ReadTimeout:       dur(30 * time.Second),
+					WriteTimeout:      dur(30 * time.Second),
+					IdleTimeout:       dur(120 * time.Second),
+					ShutdownTimeout:   dur(15 * time.Second),
+					RequestTimeout:    dur(5 * time.Second),
+				},
+				Clusters: []Cluster{{
+					ID:       "c1",
+					Type:     "DHSM",
+					Module:   "/usr/lib/softhsm/libsofthsm2.so",
+					Token:    TokenSel{Label: "c1"},
+					PIN:      PINSource{Env: "HSMBRIDGE_C1_PIN"},
+					PoolSize: 4,
+					Identity: Identity{KeyLabel: "identity", CertLabel: "identity-cert"},
+				}},
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.file, func(t *testing.T) {
+			got, err := Load(filepath.Join("testdata", tt.file))
+			if err != nil {
+				t.Fatalf("Load: %v", err)
+			}
+			if !reflect.DeepEqual(*got, tt.want) {
+				t.Errorf("Load:\n got %+v\nwant %+v", *got, tt.want)
+			}
+		})
+	}
+}
+
+func TestLoadErrors(t *testing.T) {
+	tests := []struct {
+		file    string
+		want    []string // substrings that must all appear
+		notWant []string // substrings that must not appear
+	}{
+		{file: "missing.yaml", want: []string{"reading config", "missing.yaml"}},
+		{file: "empty.yaml", want: []string{"empty.yaml: file is empty"}},
+		{file: "comments_only.yaml", want: []string{"comments_only.yaml: file is empty"}},
+		{file: "two_docs.yaml", want: []string{"two_docs.yaml:3: a second YAML document"}},
+		{file: "syntax.yaml", want: []string{"syntax.yaml:2: did not find expected key"}, notWant: []string{"yaml: line"}},
+		{file: "duplicate_key.yaml", want: []string{`duplicate_key.yaml:4: mapping key "region" already defined at line 1`}},
+		{
+			file:    "unknown_top.yaml",
+			want:    []string{`unknown_top.yaml:3: unknown key "regoin" (expected one of: listen, region, store,`},
+			notWant: []string{"not found in type"},
+		},
+		{
+			// Both typos are reported, each at its own line.
+			file: "unknown_nested.yaml",
+			want: []string{
+				`unknown_nested.yaml:12: unknown key "pool_sise" (expected one of: id, type, module, token, pin, pool_size, identity)`,
+				`unknown_nested.yaml:15: unknown key "cert_lable" (expected one of: key_label, cert_label, cert_file)`,
+			},
+		},
+		{
+			file:    "pin_scalar.yaml",
+			want:    []string{"pin_scalar.yaml:10: pin: the PIN must come from a file, env var or systemd credential"},
+			notWant: []string{"918273"},
+		},
+		{
+			file:    "pin_value.yaml",
+			want:    []string{`pin_value.yaml:11: pin: key "value" not allowed: the PIN must come from a file, env var or systemd credential`},
+			notWant: []string{"918273"},
+		},
+		{
+			file:    "pin_flow_key.yaml",
+			want:    []string{"pin_flow_key.yaml:3: pin: unknown key"},
+			notWant: []string{"918273"},
+		},
+		{
+			file: "bad_duration.yaml",
+			want: []string{`bad_duration.yaml:5: invalid duration "30 seconds"`},
+		},
+		{
+			file: "many_problems.yaml",
+			want: []string{
+				"many_problems.yaml: invalid configuration:",
+				"listen: want host:port or unix:/path",
+				`store.driver: "postgres" is not available: only sqlite is available in this build`,
+				"auth.token_file: required",
+				`log.level: must be debug, info, warn or error, got "verbose"`,
+				`clusters[0].module: must be an absolute path, got "libsofthsm2.so"`,
+				"clusters[0].token: serial or label required",
+				"clusters[0].pin: exactly one of file, env, systemd_credential",
+				"clusters[0].pool_size: must be between 1 and 256, got 300",
+				"clusters[0].identity.key_label: required",
+				"clusters[0].identity: exactly one of cert_label or cert_file",
+				`clusters[1].id: "c1" duplicates clusters[0]`,
+				`clusters[1].type: must be DHSM or CDMS, got "dhsm"`,
+				"clusters[1].pin: exactly one of file, env, systemd_credential",
+				`clusters[2].id: "bad id" must match`,
+				"clusters[2].pin.env: not a valid environment variable name",
+				`clusters[2].token: label "shared" on module /usr/lib/softhsm/libsofthsm2.so is already used by clusters[1]`,
+			},
+			notWant: []string{"1234"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.file, func(t *testing.T) {
+			_, err := Load(filepath.Join("testdata", tt.file))
+			if err == nil {
+				t.Fatal("Load succeeded, want error")
+			}
+			for _, s := range tt.want {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error does not contain %q:\n%v", s, err)
+				}
+			}
+			for _, s := range tt.notWant {
+				if strings.Contains(err.Error(), s) {
+					t.Errorf("error contains %q:\n%v", s, err)
+				}
+			}
+		})
+	}
+}
+
+// validConfig returns a config that passes Validate, for tests to break.
+func validConfig() Config {
+	return Config{
+		Listen: "127.0.0.1:8080",
+		Region: "local-1",
+		Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/db"},
+		Auth:   Auth{TokenFile: "/etc/hsmbridge/tokens.yaml"},
+		Log:    Log{Level: "info", Format: "json"},
+		Server: Server{
+			ReadHeaderTimeout: dur(5 * time.Second),
+			ReadTimeout:       dur(30 * time.Second),
+			WriteTimeout:      dur(30 * time.Second),
+			IdleTimeout:       dur(120 * time.Second),
+			ShutdownTimeout:   dur(15 * time.Second),
+			RequestTimeout:    dur(5 * time.Second),
+		},
+		Clusters: []Cluster{
+			{
+				ID: "c0", Type: "DHSM", Module: "/usr/lib/softhsm/libsofthsm2.so",
+				Token: TokenSel{Serial: "s0"}, PIN: PINSource{Env: "PIN0"}, PoolSize: 4,
+				Identity: Identity{KeyLabel: "k", CertLabel: "c"},
+			},
+			{
+				ID: "c1", Type: "CDMS", Module: "/usr/lib/softhsm/libsofthsm2.so",
+				Token: TokenSel{Label: "l1"}, PIN: PINSource{File: "/etc/hsmbridge/pin1"}, PoolSize: 4,
+				Identity: Identity{KeyLabel: "k", CertFile: "/etc/hsmbridge/c1.pem"},
+			},
+		},
+	}
+}
+
+func TestValidate(t *testing.T) {
+	tests := []struct {
+		name   string
+		modify func(*Config)
+		want   []string // empty: must be valid
+	}{
+		{name: "valid", modify: func(*Config) {}},
+		{name: "tcp any host", modify: func(c *Config) { c.Listen = ":8080" }},
+		{name: "unix", modify: func(c *Config) { c.Listen = "unix:/run/hsmbridge.sock" }},
+		{name: "unix without path", modify: func(c *Config) { c.Listen = "unix:" }, want: []string{"listen: unix: needs a socket path"}},
+		{name: "missing port", modify: func(c *Config) { c.Listen = "127.0.0.1" }, want: []string{"listen: want host:port or unix:/path"}},
+		{name: "bad port", modify: func(c *Config) { c.Listen = "127.0.0.1:80800" }, want: []string{`listen: port must be a number from 0 to 65535, got "80800"`}},
+		{name: "no region", modify: func(c *Config) { c.Region = "" }, want: []string{"region: required"}},
+		{name: "no store path", modify: func(c *Config) { c.Store.Path = "" }, want: []string{"store.path: required"}},
+		{name: "log format", modify: func(c *Config) { c.Log.Format = "xml" }, want: []string{`log.format: must be json or text, got "xml"`}},
+		{
+			name:   "timeouts",
+			modify: func(c *Config) { c.Server.IdleTimeout = dur(-time.Second); c.Server.RequestTimeout = dur(time.Minute) },
+			want:   []string{"server.idle_timeout: must be positive, got -1s", "server.request_timeout: must be shorter than write_timeout (30s), got 1m0s"},
+		},
+		{name: "no clusters", modify: func(c *Config) { c.Clusters = nil }, want: []string{"clusters: at least one cluster required"}},
+		{name: "pool size zero", modify: func(c *Config) { c.Clusters[0].PoolSize = 0 }, want: []string{"clusters[0].pool_size: must be between 1 and 256, got 0"}},
+		{name: "pool size max", modify: func(c *Config) { c.Clusters[0].PoolSize = 256 }},
+		{name: "no token selector", modify: func(c *Config) { c.Clusters[1].Token = TokenSel{} }, want: []string{"clusters[1].token: serial or label required"}},
+		{
+			name: "token fields too long",
+			modify: func(c *Config) {
+				c.Clusters[0].Token = TokenSel{Serial: strings.Repeat("s", 17), Label: strings.Repeat("l", 33)}
+			},
+			want: []string{"clusters[0].token.serial: longer than the 16 bytes", "clusters[0].token.label: longer than the 32 bytes"},
+		},
+		{name: "id too long", modify: func(c *Config) { c.Clusters[0].ID = strings.Repeat("a", 65) }, want: []string{"clusters[0].id: "}},
+		{name: "no id", modify: func(c *Config) { c.Clusters[0].ID = "" }, want: []string{"clusters[0].id: required"}},
+		{name: "duplicate id", modify: func(c *Config) { c.Clusters[1].ID = "c0" }, want: []string{`clusters[1].id: "c0" duplicates clusters[0]`}},
+		{name: "no module", modify: func(c *Config) { c.Clusters[0].Module = "" }, want: []string{"clusters[0].module: required"}},
+		{
+			name:   "same serial on same module",
+			modify: func(c *Config) { c.Clusters[1].Token.Serial = "s0" },
+			want:   []string{`clusters[1].token: serial "s0" on module /usr/lib/softhsm/libsofthsm2.so is already used by clusters[0]`},
+		},
+		{
+			name: "same label on same module, spelled differently",
+			modify: func(c *Config) {
+				c.Clusters[0].Token.Label = "l1"
+				c.Clusters[1].Module = "/usr/lib/softhsm//libsofthsm2.so"
+			},
+			want: []string{`clusters[1].token: label "l1" on module`},
+		},
+		{
+			name:   "same serial on different modules",
+			modify: func(c *Config) { c.Clusters[1].Token.Serial = "s0"; c.Clusters[1].Module = "/opt/hsm/libpkcs11.so" },
+		},
+		{name: "no pin", modify: func(c *Config) { c.Clusters[0].PIN = PINSource{} }, want: []string{"clusters[0].pin: exactly one of file, env, systemd_credential"}},
+		{
+			name:   "two pins",
+			modify: func(c *Config) { c.Clusters[0].PIN.SystemdCredential = "x" },
+			want:   []string{"clusters[0].pin: exactly one of file, env, systemd_credential"},
+		},
+		{
+			name:   "credential path",
+			modify: func(c *Config) { c.Clusters[0].PIN = PINSource{SystemdCredential: "../pin"} },
+			want:   []string{"clusters[0].pin.systemd_credential: must be a credential name, not a path"},
+		},
+		{
+			name:   "no cert",
+			modify: func(c *Config) { c.Clusters[0].Identity.CertLabel = "" },
+			want:   []string{"clusters[0].identity: exactly one of cert_label or cert_file"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := validConfig()
+			tt.modify(&c)
+			err := c.Validate()
+			if len(tt.want) == 0 {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("Validate succeeded, want error")
+			}
+			for _, s := range tt.want {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error does not contain %q:\n%v", s, err)
+				}
+			}
+		})
+	}
+}
+
+func TestListenNetwork(t *testing.T) {
+	tests := []struct{ listen, network, address string }{
+		{"127.0.0.1:8080", "tcp", "127.0.0.1:8080"},
+		{"[::1]:8443", "tcp", "[::1]:8443"},
+		{"unix:/run/hsmbridge.sock", "unix", "/run/hsmbridge.sock"},
+	}
+	for _, tt := range tests {
+		c := Config{Listen: tt.listen}
+		if network, address := c.ListenNetwork(); network != tt.network || address != tt.address {
+			t.Errorf("ListenNetwork(%q) = %q, %q; want %q, %q", tt.listen, network, address, tt.network, tt.address)
+		}
+	}
+}
+
+const secretPIN = "s3cr3t-918273"
+
+func writePINFile(t *testing.T, content string, mode os.FileMode) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "pin")
+	if err := os.WriteFile(path, []byte(content), mode); err != nil {
+		t.Fatal(err)
+	}
+	// WriteFile's mode is subject to the umask.
+	if err := os.Chmod(path, mode); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestPINRead(t *testing.T) {
+	credDir := t.TempDir()
+	for name, content := range map[string]string{"hsm-pin": secretPIN + "\n", "empty": ""} {
+		if err := os.WriteFile(filepath.Join(credDir, name), []byte(content), 0o400); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("CREDENTIALS_DIRECTORY", credDir)
+	t.Setenv("TEST_HSM_PIN", secretPIN)
+	t.Setenv("TEST_EMPTY_PIN", "")
+
+	tests := []struct {
+		name    string
+		src     PINSource
+		want    string
+		wantErr []string
+	}{
+		{name: "file 0600, newline trimmed", src: PINSource{File: writePINFile(t, secretPIN+"\n", 0o600)}, want: secretPIN},
+		{name: "file 0400, CRLF trimmed", src: PINSource{File: writePINFile(t, secretPIN+"\r\n", 0o400)}, want: secretPIN},
+		{name: "only one newline trimmed", src: PINSource{File: writePINFile(t, secretPIN+" \n\n", 0o600)}, want: secretPIN + " \n"},
+		{name: "file 0644 refused", src: PINSource{File: writePINFile(t, secretPIN, 0o644)}, wantErr: []string{"has mode 0644", "chmod 600"}},
+		{name: "file 0640 refused", src: PINSource{File: writePINFile(t, secretPIN, 0o640)}, wantErr: []string{"has mode 0640", "chmod 600"}},
+		{name: "empty file", src: PINSource{File: writePINFile(t, "\n", 0o600)}, wantErr: []string{"PIN is empty"}},
+		{name: "huge file", src: PINSource{File: writePINFile(t, strings.Repeat("1", maxPINSize+1), 0o600)}, wantErr: []string{"too large"}},
+		{name: "missing file", src: PINSource{File: "/nonexistent/pin"}, wantErr: []string{"reading PIN from file:/nonexistent/pin"}},
+		{name: "env", src: PINSource{Env: "TEST_HSM_PIN"}, want: secretPIN},
+		{name: "env unset", src: PINSource{Env: "TEST_UNSET_PIN"}, wantErr: []string{"env:TEST_UNSET_PIN", "not set"}},
+		{name: "env empty", src: PINSource{Env: "TEST_EMPTY_PIN"}, wantErr: []string{"PIN is empty"}},
+		{name: "systemd credential", src: PINSource{SystemdCredential: "hsm-pin"}, want: secretPIN},
+		{name: "systemd credential empty", src: PINSource{SystemdCredential: "empty"}, wantErr: []string{"systemd_credential:empty", "PIN is empty"}},
+		{name: "unset", src: PINSource{}, wantErr: []string{"exactly one"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := tt.src.Read()
+			if len(tt.wantErr) == 0 {
+				if err != nil {
+					t.Fatalf("Read: %v", err)
+				}
+				if got != tt.want {
+					t.Errorf("Read = %q, want %q", got, tt.want)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("Read succeeded, want error")
+			}
+			for _, s := range tt.wantErr {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error does not contain %q: %v", s, err)
+				}
+			}
+			if strings.Contains(err.Error(), secretPIN) {
+				t.Errorf("error contains the PIN: %v", err)
+			}
+		})
+	}
+}
+
+func TestPINReadCredentialsDirectoryUnset(t *testing.T) {
+	t.Setenv("CREDENTIALS_DIRECTORY", "")
+	_, err := PINSource{SystemdCredential: "hsm-pin"}.Read()
+	if err == nil || !strings.Contains(err.Error(), "CREDENTIALS_DIRECTORY is not set") {
+		t.Errorf("Read error = %v, want CREDENTIALS_DIRECTORY is not set", err)
+	}
+}
+
+func TestPINSourceNeverShowsPIN(t *testing.T) {
+	t.Setenv("TEST_HSM_PIN", secretPIN)
+	tests := []struct {
+		src  PINSource
+		want string
+	}{
+		{PINSource{File: writePINFile(t, secretPIN, 0o600)}, "file:"},
+		{PINSource{Env: "TEST_HSM_PIN"}, "env:TEST_HSM_PIN"},
+		{PINSource{SystemdCredential: "hsm-pin"}, "systemd_credential:hsm-pin"},
+		{PINSource{}, "unset"},
+	}
+	for _, tt := range tests {
+		var buf bytes.Buffer
+		slog.New(slog.NewTextHandler(&buf, nil)).Info("cluster", "pin", tt.src)
+		slog.New(slog.NewJSONHandler(&buf, nil)).Info("cluster", "pin", tt.src)
+		for what, s := range map[string]string{"String": tt.src.String(), "LogValue": tt.src.LogValue().String(), "log output": buf.String()} {
+			if !strings.Contains(s, tt.want) {
+				t.Errorf("%s = %q, want it to contain %q", what, s, tt.want)
+			}
+			if strings.Contains(s, secretPIN) {
+				t.Errorf("%s = %q contains the PIN", what, s)
+			}
+		}
+	}
+}

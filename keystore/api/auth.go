@@ -1,0 +1,106 @@
+package api
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"os"
+	"regexp"
+	"slices"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Identity is an authenticated caller: a tenant domain and the projects it may use.
+type Identity struct {
+	Name       string
+	DomainID   string
+	ProjectIDs []string
+}
+
+// MayUseProject reports whether the identity may act in project.
+func (id Identity) MayUseProject(project string) bool { return slices.Contains(id.ProjectIDs, project) }
+
+// Authenticator checks a request's credential. A missing or rejected credential is an
+// error answered with 401; it must not echo the credential.
+type Authenticator interface {
+	Authenticate(r *http.Request) (Identity, error)
+}
+
+// TokenFile authenticates X-Auth-Token against a file of known tokens. The file holds each
+// token's SHA-256, not the token, so reading the file does not give away a credential:
+//
+//	tokens:
+//	  - name: dev
+//	    token_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+//	    domain_id: b168fe00ff56492495a7d22974df2d0b
+//	    project_ids: [0123456789abcdef0123456789abcdef]
+type TokenFile struct {
+	byHash map[string]Identity
+}
+
+type tokenFileYAML struct {
+	Tokens []struct {
+		Name        string   `yaml:"name"`
+		TokenSHA256 string   `yaml:"token_sha256"`
+		DomainID    string   `yaml:"domain_id"`
+		ProjectIDs  []string `yaml:"project_ids"`
+	} `yaml:"tokens"`
+}
+
+var (
+	hex32RE  = regexp.MustCompile(`^[0-9a-f]{32}$`)
+	sha256RE = regexp.MustCompile(`^[0-9a-f]{64}$`)
+)
+
+// LoadTokenFile reads and checks a token file.
+func LoadTokenFile(path string) (*TokenFile, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("token file: %w", err)
+	}
+	var doc tokenFileYAML
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&doc); err != nil {
+		return nil, fmt.Errorf("token file %s: %w", path, err)
+	}
+	tf := &TokenFile{byHash: map[string]Identity{}}
+	for i, t := range doc.Tokens {
+		switch {
+		case !sha256RE.MatchString(t.TokenSHA256):
+			return nil, fmt.Errorf("token file %s: tokens[%d].token_sha256: want 64 lower-case hex digits", path, i)
+		case !hex32RE.MatchString(t.DomainID):
+			return nil, fmt.Errorf("token file %s: tokens[%d].domain_id: want 32 lower-case hex digits", path, i)
+		case len(t.ProjectIDs) == 0:
+			return nil, fmt.Errorf("token file %s: tokens[%d].project_ids: at least one project required", path, i)
+		}
+		if _, dup := tf.byHash[t.TokenSHA256]; dup {
+			return nil, fmt.Errorf("token file %s: tokens[%d]: the same token is listed twice", path, i)
+		}
+		tf.byHash[t.TokenSHA256] = Identity{Name: t.Name, DomainID: t.DomainID, ProjectIDs: t.ProjectIDs}
+	}
+	return tf, nil
+}
+
+// HashToken returns what a token file stores for token.
+func HashToken(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return hex.EncodeToString(sum[:])
+}
+
+// Authenticate implements Authenticator. Looking up the token's hash, not the token, keeps
+// the comparison's timing independent of how much of a guessed token is right.
+func (tf *TokenFile) Authenticate(r *http.Request) (Identity, error) {
+	tok := r.Header.Get("X-Auth-Token")
+	if tok == "" {
+		return Identity{}, &authError{"x-auth-token not found"}
+	}
+	id, ok := tf.byHash[HashToken(tok)]
+	if !ok {
+		return Identity{}, &authError{"the token is not valid"}
+	}
+	return id, nil
+}

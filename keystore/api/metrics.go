@@ -1,0 +1,126 @@
+package api
+
+import (
+	"net/http"
+	"runtime"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/hsmbridge/hsmbridge/hsm"
+)
+
+// Buckets start near our 60 µs added-latency budget and double: 25 µs … ~13 s.
+var latencyBuckets = prometheus.ExponentialBuckets(25e-6, 2, 20)
+
+// Metrics holds what hsmbridge observes itself: HTTP requests, PKCS#11 calls and pool waits.
+// Pool gauges are read from the pools at scrape time by PoolCollector instead.
+type Metrics struct {
+	gatherer prometheus.Gatherer
+	http     *prometheus.HistogramVec
+	hsmCalls *prometheus.HistogramVec
+	wait     *prometheus.HistogramVec
+}
+
+// NewMetrics registers hsmbridge's metrics, and build info, on reg (a registry of our own,
+// never the global default), and serves g at /metrics.
+func NewMetrics(reg prometheus.Registerer, g prometheus.Gatherer, version string) *Metrics {
+	m := &Metrics{
+		gatherer: g,
+		http: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "hsmbridge_http_request_duration_seconds",
+			Help:    "Time to answer an HTTP request, by route pattern and status code.",
+			Buckets: latencyBuckets,
+		}, []string{"route", "code"}),
+		hsmCalls: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "hsmbridge_hsm_call_duration_seconds",
+			Help:    "Time spent in one PKCS#11 call, by cluster, function and result (ok or the error class).",
+			Buckets: latencyBuckets,
+		}, []string{"cluster", "function", "result"}),
+		wait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "hsmbridge_pool_acquire_wait_seconds",
+			Help:    "Time a caller waited for a free HSM session, by cluster.",
+			Buckets: latencyBuckets,
+		}, []string{"cluster"}),
+	}
+	build := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name:        "hsmbridge_build_info",
+		Help:        "Always 1; the labels say which build is running.",
+		ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
+	})
+	build.Set(1)
+	reg.MustRegister(m.http, m.hsmCalls, m.wait, build)
+	return m
+}
+
+func (m *Metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.gatherer, promhttp.HandlerOpts{})
+}
+
+func (m *Metrics) observeHTTP(route string, status int, d time.Duration) {
+	m.http.WithLabelValues(route, strconv.Itoa(status)).Observe(d.Seconds())
+}
+
+// HSMCalls returns the Interceptor that times every PKCS#11 call of cluster.
+func (m *Metrics) HSMCalls(cluster string) hsm.Interceptor {
+	calls := m.hsmCalls.MustCurryWith(prometheus.Labels{"cluster": cluster})
+	return func(fn string, call func() error) error {
+		start := time.Now()
+		err := call()
+		result := "ok"
+		if err != nil {
+			result = hsm.Classify(err).String()
+		}
+		calls.WithLabelValues(fn, result).Observe(time.Since(start).Seconds())
+		return err
+	}
+}
+
+// AcquireWait returns the observer of cluster's pool waits.
+func (m *Metrics) AcquireWait(cluster string) func(time.Duration) {
+	o := m.wait.WithLabelValues(cluster)
+	return func(d time.Duration) { o.Observe(d.Seconds()) }
+}
+
+// PoolCollector reports every cluster's pool at scrape time from one Stats snapshot per
+// cluster, so the gauges of one cluster always agree with each other.
+type PoolCollector struct {
+	clusters []*hsm.Cluster
+}
+
+var (
+	descSessions  = prometheus.NewDesc("hsmbridge_pool_sessions", "Worker sessions open, by state (idle or in_use).", []string{"cluster", "state"}, nil)
+	descMax       = prometheus.NewDesc("hsmbridge_pool_max_sessions", "The most worker sessions the pool will open.", []string{"cluster"}, nil)
+	descWaiters   = prometheus.NewDesc("hsmbridge_pool_waiters", "Callers waiting for a session now.", []string{"cluster"}, nil)
+	descWaits     = prometheus.NewDesc("hsmbridge_pool_waits_total", "Acquisitions that had to wait for a session.", []string{"cluster"}, nil)
+	descWaitTime  = prometheus.NewDesc("hsmbridge_pool_wait_seconds_total", "Total time callers waited for a session.", []string{"cluster"}, nil)
+	descEvictions = prometheus.NewDesc("hsmbridge_pool_evictions_total", "Sessions closed after an error, by error class.", []string{"cluster", "class"}, nil)
+)
+
+// NewPoolCollector returns a collector over clusters.
+func NewPoolCollector(clusters []*hsm.Cluster) *PoolCollector { return &PoolCollector{clusters: clusters} }
+
+// Describe implements prometheus.Collector.
+func (c *PoolCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descSessions, descMax, descWaiters, descWaits, descWaitTime, descEvictions} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector. It reads memory only, never the HSM.
+func (c *PoolCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, cl := range c.clusters {
+		id, st := cl.ID(), cl.Stats()
+		ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(st.Idle), id, "idle")
+		ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(st.InUse), id, "in_use")
+		ch <- prometheus.MustNewConstMetric(descMax, prometheus.GaugeValue, float64(st.MaxSessions), id)
+		ch <- prometheus.MustNewConstMetric(descWaiters, prometheus.GaugeValue, float64(st.Waiters), id)
+		ch <- prometheus.MustNewConstMetric(descWaits, prometheus.CounterValue, float64(st.WaitCount), id)
+		ch <- prometheus.MustNewConstMetric(descWaitTime, prometheus.CounterValue, st.WaitDuration.Seconds(), id)
+		for class, n := range st.Evictions {
+			ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(n), id, hsm.Class(class).String())
+		}
+	}
+}

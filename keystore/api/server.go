@@ -1,0 +1,209 @@
+// Package api serves the dedicated keystore API over HTTP: routing, authentication, the
+// JSON wire types, the error table, health endpoints and the HTTP and HSM metrics. It calls
+// package keystore for every decision and owns no state of its own beyond metrics.
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"encoding/hex"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/hsmbridge/hsmbridge/hsm"
+	"github.com/hsmbridge/hsmbridge/keystore"
+)
+
+// maxBody is the largest request body accepted (KMS.0203 beyond it).
+const maxBody = 64 << 10
+
+// Server is the HTTP face of a keystore.Service. Safe for concurrent use.
+type Server struct {
+	svc      *keystore.Service
+	auth     Authenticator
+	clusters []*hsm.Cluster
+	metrics  *Metrics
+	log      *slog.Logger
+	timeout  time.Duration
+	draining atomic.Bool
+	mux      *http.ServeMux
+}
+
+// Config is what a Server needs.
+type Config struct {
+	Service  *keystore.Service
+	Auth     Authenticator
+	Clusters []*hsm.Cluster // checked by /readyz
+	Metrics  *Metrics       // nil: no metrics
+	Log      *slog.Logger
+	// RequestTimeout bounds each API request, including its wait for an HSM session.
+	RequestTimeout time.Duration
+}
+
+// handler serves one authenticated API call; a returned error is answered by writeError.
+type handler func(w http.ResponseWriter, r *http.Request, who keystore.Caller) error
+
+// NewServer builds the routes.
+func NewServer(cfg Config) *Server {
+	s := &Server{
+		svc: cfg.Service, auth: cfg.Auth, clusters: cfg.Clusters, metrics: cfg.Metrics,
+		log: cfg.Log, timeout: cfg.RequestTimeout, mux: http.NewServeMux(),
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	if s.timeout <= 0 {
+		s.timeout = 5 * time.Second
+	}
+	api := map[string]handler{
+		"POST /v1.0/{project_id}/keystores": s.createKeystore,
+	}
+	for pattern, h := range api {
+		s.mux.Handle(pattern, s.apiCall(h))
+	}
+	s.mux.HandleFunc("GET /healthz", s.healthz)
+	s.mux.HandleFunc("GET /readyz", s.readyz)
+	if s.metrics != nil {
+		s.mux.Handle("GET /metrics", s.metrics.handler())
+	}
+	s.mux.HandleFunc("/", s.unmatched)
+	return s
+}
+
+// ServeHTTP gives every response a request id, and records it in the metrics and the log.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	id := newRequestID()
+	w.Header().Set("X-Request-Id", id)
+	r = r.WithContext(context.WithValue(r.Context(), requestIDKey{}, id))
+	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+	s.mux.ServeHTTP(rec, r)
+	route := r.Pattern
+	if route == "" || route == "/" {
+		route = "unmatched"
+	}
+	if s.metrics != nil {
+		s.metrics.observeHTTP(route, rec.status, time.Since(start))
+	}
+}
+
+// SetDraining makes /readyz fail, so load balancers stop sending work before shutdown.
+func (s *Server) SetDraining() { s.draining.Store(true) }
+
+// apiCall wraps an API handler: deadline, authentication, project check, audit line, errors.
+func (s *Server) apiCall(h handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(r.Context(), s.timeout)
+		defer cancel()
+		r = r.WithContext(ctx)
+		who, err := s.authorize(r)
+		if err == nil {
+			err = h(w, r, who)
+		}
+		code := ""
+		if err != nil {
+			writeError(w, r, s.log, err)
+			code = errorCode(err)
+		}
+		s.log.InfoContext(ctx, "audit", "request_id", requestID(ctx), "route", r.Pattern,
+			"who", who.Name, "domain", who.DomainID, "project", r.PathValue("project_id"),
+			"keystore", r.PathValue("keystore_id"), "result", resultOf(code), "error_code", code,
+			"latency_ms", float64(time.Since(start).Microseconds())/1000)
+	})
+}
+
+func resultOf(code string) string {
+	if code == "" {
+		return "ok"
+	}
+	return "error"
+}
+
+func errorCode(err error) string {
+	if _, ok := errors.AsType[*authError](err); ok {
+		return errUnauthenticated.Code
+	}
+	row, _ := resolve(err)
+	return row.Code
+}
+
+// authorize authenticates the caller and checks the path's project is one they may use.
+func (s *Server) authorize(r *http.Request) (keystore.Caller, error) {
+	id, err := s.auth.Authenticate(r)
+	if err != nil {
+		return keystore.Caller{}, err
+	}
+	project := r.PathValue("project_id")
+	who := keystore.Caller{DomainID: id.DomainID, ProjectID: project, Name: id.Name}
+	if !id.MayUseProject(project) {
+		return who, errProjectDenied
+	}
+	return who, nil
+}
+
+// unmatched answers paths no route serves: 405 if another method would, else KMS.0201.
+func (s *Server) unmatched(w http.ResponseWriter, r *http.Request) {
+	for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete, http.MethodPatch} {
+		if m == r.Method {
+			continue
+		}
+		probe := r.Clone(r.Context())
+		probe.Method = m
+		if _, pattern := s.mux.Handler(probe); pattern != "" && pattern != "/" {
+			writeError(w, r, s.log, errMethod)
+			return
+		}
+	}
+	writeError(w, r, s.log, errUnknownRoute)
+}
+
+// decodeBody reads a JSON body of at most maxBody bytes into v. Unknown fields are
+// ignored: clients send fields newer than ours.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
+		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+			return errBodyTooLarge.with("request body exceeds 64 KiB")
+		}
+		return errMalformedJSON.with("request body could not be read")
+	}
+	if len(strings.TrimSpace(string(body))) == 0 {
+		return errMalformedJSON.with("request body is empty; a JSON object is required")
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return errMalformedJSON.with("invalid JSON in the request body: " + err.Error())
+	}
+	return nil
+}
+
+type requestIDKey struct{}
+
+func requestID(ctx context.Context) string {
+	id, _ := ctx.Value(requestIDKey{}).(string)
+	return id
+}
+
+func newRequestID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (r *statusRecorder) WriteHeader(code int) {
+	r.status = code
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }

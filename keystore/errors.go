@@ -1,0 +1,83 @@
+package keystore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/hsmbridge/hsmbridge/hsm"
+)
+
+// Kind is what went wrong, in the API's terms. keystore/api maps each Kind to an HTTP status
+// and a KMS error code in one table; this package knows no status numbers.
+type Kind int
+
+const (
+	KindInternal         Kind = iota // a bug or an unclassified failure
+	KindMissingParameter             // a required field is absent
+	KindInvalidParameter             // a keystore field fails its rule
+	KindDuplicateAlias               // the alias is taken in the domain
+	KindKeystoreNotFound             // no such keystore visible to the caller
+	KindClusterUnknown               // the cluster is not configured, or does not answer
+	KindClusterBound                 // the cluster already backs a keystore
+	KindCACertificate                // hsm_ca_cert is invalid or is not the cluster's
+	KindKeystoreDisabled             // the keystore is disabled
+	KindStateConflict                // the keystore is not in a state that allows this
+	KindUnsupportedType              // a keystore type this daemon does not serve
+	KindHSMUnavailable               // the cluster failed (device, session, login or credential)
+	KindHSMTimeout                   // no HSM session came free in time
+	KindHSMFailure                   // the HSM refused in a way we did not expect
+
+	numKinds
+)
+
+// Kinds lists every Kind, so the API's table can be checked for completeness.
+func Kinds() []Kind {
+	ks := make([]Kind, numKinds)
+	for i := range ks {
+		ks[i] = Kind(i)
+	}
+	return ks
+}
+
+// Error is a failure with a Kind. Msg is safe to show to the caller; Err is the cause, for
+// logs only (it may name clusters, tokens and PKCS#11 codes, never secrets).
+type Error struct {
+	Kind Kind
+	Msg  string
+	Err  error
+}
+
+func (e *Error) Error() string {
+	if e.Err == nil {
+		return e.Msg
+	}
+	return e.Msg + ": " + e.Err.Error()
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+func newError(kind Kind, format string, args ...any) *Error {
+	return &Error{Kind: kind, Msg: fmt.Sprintf(format, args...)}
+}
+
+// KindOf returns the Kind of err: that of the *Error in its chain, else KindInternal.
+func KindOf(err error) Kind {
+	if e, ok := errors.AsType[*Error](err); ok {
+		return e.Kind
+	}
+	return KindInternal
+}
+
+// hsmError turns a failed HSM call into an *Error, by the class hsm gave it.
+func hsmError(what string, err error) *Error {
+	switch {
+	case errors.Is(err, hsm.ErrAcquireTimeout), errors.Is(err, context.DeadlineExceeded):
+		return &Error{Kind: KindHSMTimeout, Msg: what + ": the HSM cluster did not answer in time", Err: err}
+	}
+	switch hsm.Classify(err) {
+	case hsm.ClassDevice, hsm.ClassSession, hsm.ClassLogin, hsm.ClassCredential:
+		return &Error{Kind: KindHSMUnavailable, Msg: what + ": the HSM cluster is unavailable", Err: err}
+	}
+	return &Error{Kind: KindHSMFailure, Msg: what + ": the HSM cluster failed", Err: err}
+}

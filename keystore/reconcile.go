@@ -1,0 +1,71 @@
+package keystore
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/hsmbridge/hsmbridge/keystore/store"
+)
+
+// Reconcile repairs what a crash left half-done, matching store rows against the markers on
+// the configured clusters' tokens, and logs each repair:
+//   - a CREATING row never answered its caller: its marker (if any) and its row go;
+//   - a DELETING row was already refused to its users: its marker and its row go;
+//   - a marker with no row behind it is an orphan of an interrupted create: it goes;
+//   - a live row whose marker is missing is left alone, and reported.
+//
+// It runs at start-up, before the API serves.
+func (s *Service) Reconcile(ctx context.Context) error {
+	rows, err := s.store.AllKeystores(ctx)
+	if err != nil {
+		return fmt.Errorf("reconcile: %w", err)
+	}
+	byID := make(map[string]store.Keystore, len(rows))
+	for _, r := range rows {
+		byID[r.ID] = r
+	}
+	for _, cl := range s.clusters {
+		objs, err := cl.DataObjects(ctx)
+		if err != nil {
+			return fmt.Errorf("reconcile: %w", err)
+		}
+		markers := map[string]bool{}
+		for _, o := range objs {
+			id, ok := strings.CutPrefix(o.Label, markerLabel(""))
+			if !ok {
+				continue
+			}
+			markers[id] = true
+			if r, ok := byID[id]; !ok || r.ClusterID != cl.ID() {
+				if err := cl.DestroyData(ctx, o.Label); err != nil {
+					return fmt.Errorf("reconcile: %w", err)
+				}
+				s.log.Warn("repair: removed a keystore marker with no store row", "cluster", cl.ID(), "keystore", id)
+			}
+		}
+		for _, r := range rows {
+			if r.ClusterID != cl.ID() {
+				continue
+			}
+			switch r.State {
+			case store.StateCreating, store.StateDeleting:
+				if err := s.unbind(ctx, cl, r.ID); err != nil {
+					return fmt.Errorf("reconcile keystore %s: %w", r.ID, err)
+				}
+				s.log.Warn("repair: removed a half-done keystore", "cluster", cl.ID(), "keystore", r.ID, "state", string(r.State))
+			default:
+				if !markers[r.ID] {
+					s.log.Error("keystore has no marker on its token", "cluster", cl.ID(), "keystore", r.ID,
+						"token_serial", r.TokenSerial)
+				}
+			}
+		}
+	}
+	for _, r := range rows {
+		if _, ok := s.clusters[r.ClusterID]; !ok {
+			s.log.Warn("keystore is bound to a cluster that is not configured", "keystore", r.ID, "cluster", r.ClusterID)
+		}
+	}
+	return nil
+}
