@@ -38,11 +38,11 @@ var kindErrors = map[keystore.Kind]wireError{
 
 // Failures that arise in the HTTP layer itself, before the domain is reached.
 var (
-	errUnknownRoute   = &apiError{wireError{http.StatusBadRequest, "KMS.0201", "invalid request URL"}, ""}
-	errMethod         = &apiError{wireError{http.StatusMethodNotAllowed, "KMS.0215", "request method not supported"}, ""}
-	errMalformedJSON  = &apiError{wireError{http.StatusBadRequest, "KMS.0202", "invalid JSON format of the request body"}, ""}
-	errBodyTooLarge   = &apiError{wireError{http.StatusBadRequest, "KMS.0203", "request body too large"}, ""}
-	errProjectDenied  = &apiError{wireError{http.StatusForbidden, "KMS.0321", "the project in the URL is not one this credential may use"}, ""}
+	errUnknownRoute    = &apiError{wireError{http.StatusBadRequest, "KMS.0201", "invalid request URL"}, ""}
+	errMethod          = &apiError{wireError{http.StatusMethodNotAllowed, "KMS.0215", "request method not supported"}, ""}
+	errMalformedJSON   = &apiError{wireError{http.StatusBadRequest, "KMS.0202", "invalid JSON format of the request body"}, ""}
+	errBodyTooLarge    = &apiError{wireError{http.StatusBadRequest, "KMS.0203", "request body too large"}, ""}
+	errProjectDenied   = &apiError{wireError{http.StatusForbidden, "KMS.0321", "the project in the URL is not one this credential may use"}, ""}
 	errUnauthenticated = wireError{http.StatusUnauthorized, "APIGW.0301", "Incorrect IAM authentication information"}
 )
 

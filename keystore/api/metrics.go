@@ -100,7 +100,9 @@ var (
 )
 
 // NewPoolCollector returns a collector over clusters.
-func NewPoolCollector(clusters []*hsm.Cluster) *PoolCollector { return &PoolCollector{clusters: clusters} }
+func NewPoolCollector(clusters []*hsm.Cluster) *PoolCollector {
+	return &PoolCollector{clusters: clusters}
+}
 
 // Describe implements prometheus.Collector.
 func (c *PoolCollector) Describe(ch chan<- *prometheus.Desc) {
