@@ -20,6 +20,7 @@ const (
 	KindKeystoreNotFound             // no such keystore visible to the caller
 	KindClusterUnknown               // the cluster is not configured, or does not answer
 	KindClusterBound                 // the cluster already backs a keystore
+	KindTokenMismatch                // the cluster's token is not the one the keystore is bound to
 	KindCACertificate                // hsm_ca_cert is invalid or is not the cluster's
 	KindKeystoreDisabled             // the keystore is disabled
 	KindStateConflict                // the keystore is not in a state that allows this

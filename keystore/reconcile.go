@@ -13,7 +13,7 @@ import (
 //   - a CREATING row never answered its caller: its marker (if any) and its row go;
 //   - a DELETING row was already refused to its users: its marker and its row go;
 //   - a marker with no row behind it is an orphan of an interrupted create: it goes;
-//   - a live row whose marker is missing is left alone, and reported.
+//   - a live row whose marker is missing is left alone, reported, and shown as TOKEN_MISMATCH.
 //
 // It runs at start-up, before the API serves.
 func (s *Service) Reconcile(ctx context.Context) error {
@@ -56,8 +56,9 @@ func (s *Service) Reconcile(ctx context.Context) error {
 				s.log.Warn("repair: removed a half-done keystore", "cluster", cl.ID(), "keystore", r.ID, "state", string(r.State))
 			default:
 				if !markers[r.ID] {
-					s.log.Error("keystore has no marker on its token", "cluster", cl.ID(), "keystore", r.ID,
-						"token_serial", r.TokenSerial)
+					s.setMismatched(r.ID, true)
+					s.log.Error("keystore has no marker on its token: connection FAILED, TOKEN_MISMATCH",
+						"cluster", cl.ID(), "keystore", r.ID, "token_serial", r.TokenSerial)
 				}
 			}
 		}

@@ -39,6 +39,7 @@ type Service struct {
 	clusters map[string]Cluster
 	now      func() time.Time
 	log      *slog.Logger
+	health   health
 }
 
 // Option configures a Service.
@@ -52,7 +53,10 @@ func WithLogger(l *slog.Logger) Option { return func(s *Service) { s.log = l } }
 
 // New returns a Service over st and the configured clusters.
 func New(st store.Store, clusters []Cluster, opts ...Option) *Service {
-	s := &Service{store: st, clusters: make(map[string]Cluster, len(clusters)), now: time.Now, log: slog.Default()}
+	s := &Service{
+		store: st, clusters: make(map[string]Cluster, len(clusters)), now: time.Now, log: slog.Default(),
+		health: health{probes: map[string]probe{}, mismatched: map[string]bool{}},
+	}
 	for _, c := range clusters {
 		s.clusters[c.ID()] = c
 	}

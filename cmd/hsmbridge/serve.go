@@ -84,8 +84,8 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 		log.Info("cluster ready", "cluster", cc.ID, "token_label", cl.Token().Label, "token_serial", cl.Token().Serial,
 			"pool_size", cl.Stats().MaxSessions, "pin", cc.PIN)
 	}
-	reg.MustRegister(api.NewPoolCollector(d.clusters))
 	svc := keystore.New(d.store, bound, keystore.WithLogger(log))
+	reg.MustRegister(api.NewPoolCollector(d.clusters), api.NewConnectionCollector(svc))
 	if err := svc.Reconcile(ctx); err != nil {
 		return nil, err
 	}
@@ -94,7 +94,7 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 		return nil, err
 	}
 	d.server = api.NewServer(api.Config{
-		Service: svc, Auth: auth, Clusters: d.clusters, Metrics: metrics, Log: log,
+		Service: svc, Auth: auth, Metrics: metrics, Log: log,
 		RequestTimeout: cfg.Server.RequestTimeout.Duration,
 	})
 	return d, nil

@@ -27,6 +27,7 @@ var kindErrors = map[keystore.Kind]wireError{
 	keystore.KindKeystoreNotFound: {http.StatusBadRequest, "KMS.8003", "the keystore does not exist"},
 	keystore.KindClusterUnknown:   {http.StatusBadRequest, "KMS.8004", "the HSM cluster does not exist or is unreachable"},
 	keystore.KindClusterBound:     {http.StatusBadRequest, "KMS.8005", "the HSM cluster is already bound to a keystore"},
+	keystore.KindTokenMismatch:    {http.StatusBadRequest, "KMS.8004", "the HSM cluster's token is not the one the keystore is bound to"},
 	keystore.KindCACertificate:    {http.StatusBadRequest, "KMS.8006", "the CA certificate is invalid or not the cluster's"},
 	keystore.KindKeystoreDisabled: {http.StatusBadRequest, "KMS.8007", "the keystore is disabled"},
 	keystore.KindStateConflict:    {http.StatusBadRequest, "KMS.8008", "the keystore's state does not allow this"},
@@ -42,6 +43,8 @@ var (
 	errMethod          = &apiError{wireError{http.StatusMethodNotAllowed, "KMS.0215", "request method not supported"}, ""}
 	errMalformedJSON   = &apiError{wireError{http.StatusBadRequest, "KMS.0202", "invalid JSON format of the request body"}, ""}
 	errBodyTooLarge    = &apiError{wireError{http.StatusBadRequest, "KMS.0203", "request body too large"}, ""}
+	errInvalidLimit    = &apiError{wireError{http.StatusBadRequest, "KMS.1601", "invalid limit"}, ""}
+	errInvalidOffset   = &apiError{wireError{http.StatusBadRequest, "KMS.1603", "invalid offset"}, ""}
 	errProjectDenied   = &apiError{wireError{http.StatusForbidden, "KMS.0321", "the project in the URL is not one this credential may use"}, ""}
 	errUnauthenticated = wireError{http.StatusUnauthorized, "APIGW.0301", "Incorrect IAM authentication information"}
 )

@@ -2,6 +2,8 @@ package api
 
 import (
 	"net/http"
+
+	"github.com/hsmbridge/hsmbridge/keystore"
 )
 
 // healthz answers while the process serves at all.
@@ -9,29 +11,33 @@ func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-// readyz answers 200 when the daemon should get traffic: not draining, and every cluster
-// answers a cheap PKCS#11 call (C_GetTokenInfo) on the token it was opened on.
+type clusterReadiness struct {
+	KeystoreID          string `json:"keystore_id"`
+	KeystoreEnabled     bool   `json:"keystore_enabled"`
+	ConnectionState     string `json:"connection_state"`
+	ConnectionErrorCode string `json:"connection_error_code,omitempty"`
+}
+
+// readyz answers 200 when the daemon should get traffic: it is not draining, the store
+// answers, and the cluster of every enabled keystore is CONNECTED. The body names each bound
+// cluster and its state, so an operator sees which one holds readiness back.
 func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusOK
-	clusters := make(map[string]string, len(s.clusters))
-	for _, c := range s.clusters {
-		t, err := c.CurrentToken(r.Context())
-		switch {
-		case err != nil:
-			clusters[c.ID()] = "unreachable"
-			status = http.StatusServiceUnavailable
-		case t.Serial != c.Token().Serial:
-			clusters[c.ID()] = "token changed"
-			status = http.StatusServiceUnavailable
-		default:
-			clusters[c.ID()] = "ok"
+	body := map[string]any{"status": "ready"}
+	rs, err := s.svc.Readiness(r.Context())
+	if err != nil {
+		status, body["status"], body["reason"] = http.StatusServiceUnavailable, "not ready", "store unavailable"
+	}
+	clusters := make(map[string]clusterReadiness, len(rs))
+	for _, c := range rs {
+		clusters[c.ClusterID] = clusterReadiness{c.KeystoreID, c.Enabled, c.State, c.Code}
+		if c.Enabled && c.State != keystore.Connected {
+			status, body["status"] = http.StatusServiceUnavailable, "not ready"
 		}
 	}
-	state := "ready"
+	body["clusters"] = clusters
 	if s.draining.Load() {
-		state, status = "draining", http.StatusServiceUnavailable
-	} else if status != http.StatusOK {
-		state = "not ready"
+		status, body["status"] = http.StatusServiceUnavailable, "draining"
 	}
-	writeJSON(w, status, map[string]any{"status": state, "clusters": clusters})
+	writeJSON(w, status, body)
 }

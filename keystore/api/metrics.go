@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"net/http"
 	"runtime"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/hsmbridge/hsmbridge/hsm"
+	"github.com/hsmbridge/hsmbridge/keystore"
 )
 
 // Buckets start near our 60 µs added-latency budget and double: 25 µs … ~13 s.
@@ -123,6 +125,44 @@ func (c *PoolCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descWaitTime, prometheus.CounterValue, st.WaitDuration.Seconds(), id)
 		for class, n := range st.Evictions {
 			ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(n), id, hsm.Class(class).String())
+		}
+	}
+}
+
+var descConnection = prometheus.NewDesc("hsmbridge_keystore_connection_state",
+	"1 for the connection state the keystore bound to the cluster is in, 0 for the others.",
+	[]string{"cluster", "state"}, nil)
+
+// ConnectionCollector reports the connection state of every live keystore, by its cluster
+// (one keystore per cluster, so the cluster label bounds the series without keystore ids).
+type ConnectionCollector struct {
+	svc *keystore.Service
+}
+
+// NewConnectionCollector returns a collector over svc's keystores.
+func NewConnectionCollector(svc *keystore.Service) *ConnectionCollector {
+	return &ConnectionCollector{svc: svc}
+}
+
+// Describe implements prometheus.Collector.
+func (c *ConnectionCollector) Describe(ch chan<- *prometheus.Desc) { ch <- descConnection }
+
+// Collect implements prometheus.Collector. It reads the store and the cached cluster probes.
+func (c *ConnectionCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	rs, err := c.svc.Readiness(ctx)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(descConnection, err)
+		return
+	}
+	for _, r := range rs {
+		for _, state := range []string{keystore.Connected, keystore.Disconnected, keystore.Failed} {
+			v := 0.0
+			if r.State == state {
+				v = 1
+			}
+			ch <- prometheus.MustNewConstMetric(descConnection, prometheus.GaugeValue, v, r.ClusterID, state)
 		}
 	}
 }

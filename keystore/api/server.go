@@ -16,7 +16,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/hsmbridge/hsmbridge/hsm"
 	"github.com/hsmbridge/hsmbridge/keystore"
 )
 
@@ -27,7 +26,6 @@ const maxBody = 64 << 10
 type Server struct {
 	svc      *keystore.Service
 	auth     Authenticator
-	clusters []*hsm.Cluster
 	metrics  *Metrics
 	log      *slog.Logger
 	timeout  time.Duration
@@ -37,11 +35,10 @@ type Server struct {
 
 // Config is what a Server needs.
 type Config struct {
-	Service  *keystore.Service
-	Auth     Authenticator
-	Clusters []*hsm.Cluster // checked by /readyz
-	Metrics  *Metrics       // nil: no metrics
-	Log      *slog.Logger
+	Service *keystore.Service
+	Auth    Authenticator
+	Metrics *Metrics // nil: no metrics
+	Log     *slog.Logger
 	// RequestTimeout bounds each API request, including its wait for an HSM session.
 	RequestTimeout time.Duration
 }
@@ -52,7 +49,7 @@ type handler func(w http.ResponseWriter, r *http.Request, who keystore.Caller) e
 // NewServer builds the routes.
 func NewServer(cfg Config) *Server {
 	s := &Server{
-		svc: cfg.Service, auth: cfg.Auth, clusters: cfg.Clusters, metrics: cfg.Metrics,
+		svc: cfg.Service, auth: cfg.Auth, metrics: cfg.Metrics,
 		log: cfg.Log, timeout: cfg.RequestTimeout, mux: http.NewServeMux(),
 	}
 	if s.log == nil {
@@ -62,7 +59,12 @@ func NewServer(cfg Config) *Server {
 		s.timeout = 5 * time.Second
 	}
 	api := map[string]handler{
-		"POST /v1.0/{project_id}/keystores": s.createKeystore,
+		"POST /v1.0/{project_id}/keystores":                       s.createKeystore,
+		"GET /v1.0/{project_id}/keystores":                        s.listKeystores,
+		"GET /v1.0/{project_id}/keystores/{keystore_id}":          s.showKeystore,
+		"DELETE /v1.0/{project_id}/keystores/{keystore_id}":       s.deleteKeystore,
+		"POST /v1.0/{project_id}/keystores/{keystore_id}/enable":  s.enableKeystore,
+		"POST /v1.0/{project_id}/keystores/{keystore_id}/disable": s.disableKeystore,
 	}
 	for pattern, h := range api {
 		s.mux.Handle(pattern, s.apiCall(h))
