@@ -59,6 +59,7 @@ type Cluster struct {
 
 	keyLabel string
 	cert     *x509.Certificate
+	handles  handleCache
 
 	closeOnce sync.Once
 	closeErr  error

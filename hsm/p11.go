@@ -26,7 +26,12 @@ type PKCS11 interface {
 	GetAttributeValue(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle, a []*pkcs11.Attribute) ([]*pkcs11.Attribute, error)
 	CreateObject(sh pkcs11.SessionHandle, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error)
 	DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHandle) error
+	GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, temp []*pkcs11.Attribute) (pkcs11.ObjectHandle, error)
 	GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error)
+	EncryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
+	Encrypt(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
+	DecryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
+	Decrypt(sh pkcs11.SessionHandle, cipher []byte) ([]byte, error)
 	SignInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
 	Sign(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
 	GenerateRandom(sh pkcs11.SessionHandle, length int) ([]byte, error)
@@ -108,6 +113,29 @@ func (w intercepted) CreateObject(sh pkcs11.SessionHandle, temp []*pkcs11.Attrib
 
 func (w intercepted) DestroyObject(sh pkcs11.SessionHandle, oh pkcs11.ObjectHandle) error {
 	return w.ic("C_DestroyObject", func() error { return w.p.DestroyObject(sh, oh) })
+}
+
+func (w intercepted) GenerateKey(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, temp []*pkcs11.Attribute) (oh pkcs11.ObjectHandle, err error) {
+	err = w.ic("C_GenerateKey", func() (e error) { oh, e = w.p.GenerateKey(sh, m, temp); return })
+	return
+}
+
+func (w intercepted) EncryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
+	return w.ic("C_EncryptInit", func() error { return w.p.EncryptInit(sh, m, o) })
+}
+
+func (w intercepted) Encrypt(sh pkcs11.SessionHandle, message []byte) (out []byte, err error) {
+	err = w.ic("C_Encrypt", func() (e error) { out, e = w.p.Encrypt(sh, message); return })
+	return
+}
+
+func (w intercepted) DecryptInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error {
+	return w.ic("C_DecryptInit", func() error { return w.p.DecryptInit(sh, m, o) })
+}
+
+func (w intercepted) Decrypt(sh pkcs11.SessionHandle, cipher []byte) (out []byte, err error) {
+	err = w.ic("C_Decrypt", func() (e error) { out, e = w.p.Decrypt(sh, cipher); return })
+	return
 }
 
 func (w intercepted) GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pub, priv pkcs11.ObjectHandle, err error) {

@@ -140,6 +140,7 @@ func (s *Service) bind(ctx context.Context, cl Cluster, row store.Keystore, ca *
 // unbind removes a keystore's marker from its token and then its row. Either may already be
 // gone: it serves a failed create, a delete, and the start-up repair of both.
 func (s *Service) unbind(ctx context.Context, cl Cluster, id string) error {
+	s.keystores.drop(id)
 	if err := cl.DestroyData(ctx, markerLabel(id)); err != nil {
 		return err
 	}

@@ -29,6 +29,44 @@ const (
 	KindHSMTimeout                   // no HSM session came free in time
 	KindHSMFailure                   // the HSM refused in a way we did not expect
 
+	// Keys.
+	KindInvalidKeyID           // key_id is not a UUID
+	KindKeyNotFound            // no such key visible to the caller
+	KindInvalidKeyAlias        // key_alias fails its rule
+	KindDuplicateKeyAlias      // the key alias is taken in the domain
+	KindInvalidDescription     // key_description too long
+	KindInvalidKeySpec         // key_spec unknown or not offered by the cluster
+	KindInvalidKeyParameter    // another key field is invalid
+	KindInvalidSequence        // sequence is malformed
+	KindImportUnsupported      // origin external in a dedicated keystore
+	KindSymmetricSign          // sign/verify asked of a symmetric key
+	KindECEncrypt              // encrypt/decrypt asked of an EC key
+	KindKeyDisabled            // the key is disabled
+	KindKeyPendingDeletion     // the key is pending deletion
+	KindKeyNotDisabled         // enable-key on a key that is not disabled
+	KindKeyNotEnabled          // disable-key on a key that is not enabled
+	KindInvalidPendingDays     // pending_days outside 7–1096
+	KindAlreadyPendingDeletion // schedule-key-deletion twice
+	KindKeyNotPendingDeletion  // cancel-key-deletion of a key not pending deletion
+	KindKeyStateConflict       // the key changed state concurrently
+	KindKeyForEncryption       // sign/verify on an ENCRYPT_DECRYPT key
+	KindKeyForSigning          // encrypt/decrypt on a SIGN_VERIFY key
+	KindAlgorithmMismatch      // the algorithm does not fit the key
+	KindDigestLength           // the digest's length does not fit the hash
+	KindInvalidData            // a data field (plain_text, message, signature, lengths) is invalid
+	KindPlaintextTooLong       // too long for RSA-OAEP with this key
+	KindDecryptFailed          // the ciphertext was altered, or the AAD differs
+	KindDatakeyPlainText       // encrypt-datakey: plain_text is not hex
+	KindDatakeyDigest          // encrypt-datakey: the DEK's SHA-256 does not match
+	KindDatakeyLength          // datakey lengths do not match
+	KindDatakeyLengthRange     // datakey_length outside 8–8192 bits
+	KindDatakeyMultiple        // datakey_length not a multiple of 8
+	KindDatakeySpec            // datakey key_spec not AES_128/AES_256
+	KindDatakeyCipherText      // decrypt-datakey: cipher_text is not a sealed data key
+	KindInvalidRandomLength    // gen-random length not a multiple of 8 in range
+	KindKeyMaterialMissing     // the key's object is gone from its token
+	KindSymmetricPublicKey     // get-publickey of a symmetric key
+
 	numKinds
 )
 

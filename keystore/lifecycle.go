@@ -66,7 +66,7 @@ func (s *Service) lookup(ctx context.Context, who Caller, id string) (store.Keys
 	if !idRE.MatchString(id) {
 		return store.Keystore{}, newError(KindInvalidParameter, "keystore_id must be a UUID")
 	}
-	k, err := s.store.GetKeystore(ctx, id)
+	k, err := s.keystoreRow(ctx, id)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		return store.Keystore{}, newError(KindKeystoreNotFound, "keystore %s does not exist", id)
@@ -76,6 +76,18 @@ func (s *Service) lookup(ctx context.Context, who Caller, id string) (store.Keys
 		return store.Keystore{}, newError(KindKeystoreNotFound, "keystore %s does not exist", id)
 	}
 	return k, nil
+}
+
+// keystoreRow returns the row id from the cache, or from the store, caching live rows.
+func (s *Service) keystoreRow(ctx context.Context, id string) (store.Keystore, error) {
+	if k, ok := s.keystores.get(id); ok {
+		return k, nil
+	}
+	k, err := s.store.GetKeystore(ctx, id)
+	if err == nil && (k.State == store.StateEnabled || k.State == store.StateDisabled) {
+		s.keystores.put(id, k)
+	}
+	return k, err
 }
 
 // EnableKeystore moves a DISABLED keystore to ENABLED, after checking that its cluster
@@ -108,6 +120,7 @@ func (s *Service) DisableKeystore(ctx context.Context, who Caller, id string) (s
 }
 
 func (s *Service) transition(ctx context.Context, k store.Keystore, from, to store.State) (string, error) {
+	s.keystores.drop(k.ID)
 	err := s.store.SetKeystoreState(ctx, k.ID, from, to, s.now())
 	switch {
 	case errors.Is(err, store.ErrStateConflict):

@@ -40,6 +40,9 @@ type Service struct {
 	now      func() time.Time
 	log      *slog.Logger
 	health   health
+	keys     cache[store.Key]
+	// keystores caches the rows the hot path checks; dropped on every keystore write.
+	keystores cache[store.Keystore]
 }
 
 // Option configures a Service.

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -55,6 +56,7 @@ type daemon struct {
 	log      *slog.Logger
 	store    store.Store
 	clusters []*hsm.Cluster
+	svc      *keystore.Service
 	server   *api.Server
 }
 
@@ -85,6 +87,7 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 			"pool_size", cl.Stats().MaxSessions, "pin", cc.PIN)
 	}
 	svc := keystore.New(d.store, bound, keystore.WithLogger(log))
+	d.svc = svc
 	reg.MustRegister(api.NewPoolCollector(d.clusters), api.NewConnectionCollector(svc))
 	if err := svc.Reconcile(ctx); err != nil {
 		return nil, err
@@ -94,7 +97,7 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 		return nil, err
 	}
 	d.server = api.NewServer(api.Config{
-		Service: svc, Auth: auth, Metrics: metrics, Log: log,
+		Service: svc, Auth: auth, Metrics: metrics, Log: log, Region: cfg.Region,
 		RequestTimeout: cfg.Server.RequestTimeout.Duration,
 	})
 	return d, nil
@@ -156,6 +159,9 @@ func (d *daemon) run(ctx context.Context, ln net.Listener) error {
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
+	sweepCtx, stopSweep := context.WithCancel(context.Background())
+	swept := make(chan struct{})
+	go func() { defer close(swept); d.sweepDeletions(sweepCtx) }()
 	var err error
 	select {
 	case err = <-served:
@@ -167,12 +173,34 @@ func (d *daemon) run(ctx context.Context, ln net.Listener) error {
 		err = srv.Shutdown(sctx)
 		<-served
 	}
+	stopSweep()
+	<-swept
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
 	}
 	cctx, cancel := context.WithTimeout(context.Background(), s.ShutdownTimeout.Duration)
 	defer cancel()
 	return errors.Join(err, d.close(cctx))
+}
+
+// deletionSweep is how often keys whose pending deletion has come are destroyed. Pending
+// periods are days long, so a minute late is immaterial.
+const deletionSweep = time.Minute
+
+// sweepDeletions destroys due keys until ctx ends.
+func (d *daemon) sweepDeletions(ctx context.Context) {
+	t := time.NewTicker(deletionSweep)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if _, err := d.svc.DestroyDueKeys(ctx); err != nil && ctx.Err() == nil {
+				d.log.Error("destroying keys due for deletion", "err", err)
+			}
+		}
+	}
 }
 
 // close releases what openDaemon opened, in reverse order.

@@ -35,6 +35,43 @@ var kindErrors = map[keystore.Kind]wireError{
 	keystore.KindHSMUnavailable:   {http.StatusBadGateway, "KMS.0102", "the HSM cluster is unavailable"},
 	keystore.KindHSMTimeout:       {http.StatusGatewayTimeout, "KMS.0103", "the HSM cluster did not answer in time"},
 	keystore.KindHSMFailure:       {http.StatusInternalServerError, "KMS.0101", "the HSM cluster failed"},
+
+	keystore.KindInvalidKeyID:           {http.StatusBadRequest, "KMS.0205", "invalid key ID"},
+	keystore.KindKeyNotFound:            {http.StatusNotFound, "KMS.0207", "the key does not exist"},
+	keystore.KindInvalidKeyAlias:        {http.StatusBadRequest, "KMS.1101", "invalid key_alias"},
+	keystore.KindDuplicateKeyAlias:      {http.StatusBadRequest, "KMS.1104", "duplicate key alias"},
+	keystore.KindInvalidDescription:     {http.StatusBadRequest, "KMS.1103", "invalid key_description"},
+	keystore.KindInvalidKeySpec:         {http.StatusBadRequest, "KMS.1110", "invalid key_spec"},
+	keystore.KindInvalidKeyParameter:    {http.StatusBadRequest, "KMS.0308", "invalid parameter"},
+	keystore.KindInvalidSequence:        {http.StatusBadRequest, "KMS.0206", "invalid sequence number"},
+	keystore.KindImportUnsupported:      {http.StatusBadRequest, "KMS.0339", "the dedicated keystore does not support importing keys"},
+	keystore.KindSymmetricSign:          {http.StatusBadRequest, "KMS.1115", "symmetric keys do not support sign/verify"},
+	keystore.KindECEncrypt:              {http.StatusBadRequest, "KMS.1114", "EC keys do not support encrypt/decrypt"},
+	keystore.KindKeyDisabled:            {http.StatusBadRequest, "KMS.0209", "the key has been disabled"},
+	keystore.KindKeyPendingDeletion:     {http.StatusBadRequest, "KMS.0210", "the key is pending deletion and cannot be used"},
+	keystore.KindKeyNotDisabled:         {http.StatusBadRequest, "KMS.1201", "the key is not disabled"},
+	keystore.KindKeyNotEnabled:          {http.StatusBadRequest, "KMS.1301", "the key is not enabled"},
+	keystore.KindInvalidPendingDays:     {http.StatusBadRequest, "KMS.1401", "set the pending deletion period to 7-1096 days"},
+	keystore.KindAlreadyPendingDeletion: {http.StatusBadRequest, "KMS.1402", "the key is already pending deletion"},
+	keystore.KindKeyNotPendingDeletion:  {http.StatusBadRequest, "KMS.1501", "the key is not pending deletion"},
+	keystore.KindKeyStateConflict:       {http.StatusBadRequest, "KMS.0308", "the key changed state concurrently"},
+	keystore.KindKeyForEncryption:       {http.StatusBadRequest, "KMS.0334", "the CMK is used to encrypt and decrypt"},
+	keystore.KindKeyForSigning:          {http.StatusBadRequest, "KMS.0335", "the CMK is used to sign and verify"},
+	keystore.KindAlgorithmMismatch:      {http.StatusBadRequest, "KMS.0332", "the key does not support this algorithm"},
+	keystore.KindDigestLength:           {http.StatusBadRequest, "KMS.0329", "the hash algorithm does not match the digest length"},
+	keystore.KindInvalidData:            {http.StatusBadRequest, "KMS.0308", "invalid parameter"},
+	keystore.KindPlaintextTooLong:       {http.StatusBadRequest, "KMS.2108", "the plaintext is too long for this RSA key"},
+	keystore.KindDecryptFailed:          {http.StatusBadRequest, "KMS.0308", "the ciphertext could not be decrypted"},
+	keystore.KindDatakeyPlainText:       {http.StatusBadRequest, "KMS.2101", "invalid plain_text"},
+	keystore.KindDatakeyDigest:          {http.StatusBadRequest, "KMS.2103", "the data key digest check failed"},
+	keystore.KindDatakeyLength:          {http.StatusBadRequest, "KMS.2104", "the data key length does not match"},
+	keystore.KindDatakeyLengthRange:     {http.StatusBadRequest, "KMS.1901", "datakey_length must be from 8 to 8192"},
+	keystore.KindDatakeyMultiple:        {http.StatusBadRequest, "KMS.1903", "datakey_length must be a multiple of 8"},
+	keystore.KindDatakeySpec:            {http.StatusBadRequest, "KMS.1902", "key_spec must be AES_128 or AES_256"},
+	keystore.KindDatakeyCipherText:      {http.StatusBadRequest, "KMS.2201", "invalid cipher_text"},
+	keystore.KindInvalidRandomLength:    {http.StatusBadRequest, "KMS.1802", "random_data_length must be a multiple of 8 from 8 to 8192"},
+	keystore.KindKeyMaterialMissing:     {http.StatusInternalServerError, "KMS.0101", "the key's material is missing from its HSM cluster"},
+	keystore.KindSymmetricPublicKey:     {http.StatusBadRequest, "KMS.0331", "the symmetric key does not support this operation"},
 }
 
 // Failures that arise in the HTTP layer itself, before the domain is reached.
@@ -44,6 +81,7 @@ var (
 	errMalformedJSON   = &apiError{wireError{http.StatusBadRequest, "KMS.0202", "invalid JSON format of the request body"}, ""}
 	errBodyTooLarge    = &apiError{wireError{http.StatusBadRequest, "KMS.0203", "request body too large"}, ""}
 	errInvalidLimit    = &apiError{wireError{http.StatusBadRequest, "KMS.1601", "invalid limit"}, ""}
+	errInvalidMarker   = &apiError{wireError{http.StatusBadRequest, "KMS.1602", "marker must be a non-negative integer"}, ""}
 	errInvalidOffset   = &apiError{wireError{http.StatusBadRequest, "KMS.1603", "invalid offset"}, ""}
 	errProjectDenied   = &apiError{wireError{http.StatusForbidden, "KMS.0321", "the project in the URL is not one this credential may use"}, ""}
 	errUnauthenticated = wireError{http.StatusUnauthorized, "APIGW.0301", "Incorrect IAM authentication information"}

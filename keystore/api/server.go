@@ -28,6 +28,7 @@ type Server struct {
 	auth     Authenticator
 	metrics  *Metrics
 	log      *slog.Logger
+	region   string
 	timeout  time.Duration
 	draining atomic.Bool
 	mux      *http.ServeMux
@@ -39,6 +40,7 @@ type Config struct {
 	Auth    Authenticator
 	Metrics *Metrics // nil: no metrics
 	Log     *slog.Logger
+	Region  string // reported as region_id and realm
 	// RequestTimeout bounds each API request, including its wait for an HSM session.
 	RequestTimeout time.Duration
 }
@@ -50,7 +52,7 @@ type handler func(w http.ResponseWriter, r *http.Request, who keystore.Caller) e
 func NewServer(cfg Config) *Server {
 	s := &Server{
 		svc: cfg.Service, auth: cfg.Auth, metrics: cfg.Metrics,
-		log: cfg.Log, timeout: cfg.RequestTimeout, mux: http.NewServeMux(),
+		log: cfg.Log, region: cfg.Region, timeout: cfg.RequestTimeout, mux: http.NewServeMux(),
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -59,12 +61,29 @@ func NewServer(cfg Config) *Server {
 		s.timeout = 5 * time.Second
 	}
 	api := map[string]handler{
-		"POST /v1.0/{project_id}/keystores":                       s.createKeystore,
-		"GET /v1.0/{project_id}/keystores":                        s.listKeystores,
-		"GET /v1.0/{project_id}/keystores/{keystore_id}":          s.showKeystore,
-		"DELETE /v1.0/{project_id}/keystores/{keystore_id}":       s.deleteKeystore,
-		"POST /v1.0/{project_id}/keystores/{keystore_id}/enable":  s.enableKeystore,
-		"POST /v1.0/{project_id}/keystores/{keystore_id}/disable": s.disableKeystore,
+		"POST /v1.0/{project_id}/keystores":                            s.createKeystore,
+		"GET /v1.0/{project_id}/keystores":                             s.listKeystores,
+		"GET /v1.0/{project_id}/keystores/{keystore_id}":               s.showKeystore,
+		"DELETE /v1.0/{project_id}/keystores/{keystore_id}":            s.deleteKeystore,
+		"POST /v1.0/{project_id}/keystores/{keystore_id}/enable":       s.enableKeystore,
+		"POST /v1.0/{project_id}/keystores/{keystore_id}/disable":      s.disableKeystore,
+		"POST /v1.0/{project_id}/kms/create-key":                       s.createKey,
+		"POST /v1.0/{project_id}/kms/describe-key":                     s.describeKey,
+		"POST /v1.0/{project_id}/kms/list-keys":                        s.listKeys,
+		"POST /v1.0/{project_id}/kms/get-publickey":                    s.getPublicKey,
+		"POST /v1.0/{project_id}/kms/enable-key":                       s.enableKey,
+		"POST /v1.0/{project_id}/kms/disable-key":                      s.disableKey,
+		"POST /v1.0/{project_id}/kms/schedule-key-deletion":            s.scheduleKeyDeletion,
+		"POST /v1.0/{project_id}/kms/cancel-key-deletion":              s.cancelKeyDeletion,
+		"POST /v1.0/{project_id}/kms/encrypt-data":                     s.encryptData,
+		"POST /v1.0/{project_id}/kms/decrypt-data":                     s.decryptData,
+		"POST /v1.0/{project_id}/kms/create-datakey":                   s.createDatakey,
+		"POST /v1.0/{project_id}/kms/create-datakey-without-plaintext": s.createDatakeyWithoutPlaintext,
+		"POST /v1.0/{project_id}/kms/encrypt-datakey":                  s.encryptDatakey,
+		"POST /v1.0/{project_id}/kms/decrypt-datakey":                  s.decryptDatakey,
+		"POST /v1.0/{project_id}/kms/sign":                             s.sign,
+		"POST /v1.0/{project_id}/kms/verify":                           s.verify,
+		"POST /v1.0/{project_id}/kms/gen-random":                       s.genRandom,
 	}
 	for pattern, h := range api {
 		s.mux.Handle(pattern, s.apiCall(h))

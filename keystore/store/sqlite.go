@@ -210,6 +210,10 @@ func (s *SQLite) SetKeystoreState(ctx context.Context, id string, from, to State
 func (s *SQLite) DeleteKeystore(ctx context.Context, id string) error {
 	res, err := s.db.ExecContext(ctx, `DELETE FROM keystores WHERE id = ?`, id)
 	if err != nil {
+		// The only foreign key naming keystores is keys_keystore_fkey.
+		if sqliteForeignKeyViolation(err) {
+			return fmt.Errorf("store: delete keystore %s: %w", id, ErrKeystoreHasKeys)
+		}
 		return fmt.Errorf("store: delete keystore %s: %w", id, err)
 	}
 	n, err := res.RowsAffected()
@@ -230,6 +234,256 @@ func (s *SQLite) Close() error {
 	return nil
 }
 
+const keyColumns = `id, domain_id, project_id, keystore_id, alias, spec, usage, description,
+	origin, state, public_key, sequence, created_at, updated_at, deletion_at`
+
+// CreateKey implements Store. As with CreateKeystore, only one sentinel is
+// returned when k breaks more than one constraint.
+func (s *SQLite) CreateKey(ctx context.Context, k Key) error {
+	_, err := s.db.ExecContext(ctx,
+		`INSERT INTO keys (`+keyColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		k.ID, k.DomainID, k.ProjectID, k.KeystoreID, k.Alias, k.Spec, k.Usage, k.Description,
+		k.Origin, string(k.State), nullBytes(k.PublicKey), nullString(k.Sequence),
+		k.CreatedAt.UnixMilli(), k.UpdatedAt.UnixMilli(), nullMilli(k.DeletionAt))
+	if err != nil {
+		if sentinel := sqliteUniqueViolation(err); sentinel != nil {
+			return fmt.Errorf("store: create key %s: %w", k.ID, sentinel)
+		}
+		// The only foreign key of keys is keys_keystore_fkey.
+		if sqliteForeignKeyViolation(err) {
+			return fmt.Errorf("store: create key %s: keystore %s: %w", k.ID, k.KeystoreID, ErrNotFound)
+		}
+		return fmt.Errorf("store: create key %s: %w", k.ID, err)
+	}
+	return nil
+}
+
+// GetKey implements Store.
+func (s *SQLite) GetKey(ctx context.Context, id string) (Key, error) {
+	row := s.db.QueryRowContext(ctx, `SELECT `+keyColumns+` FROM keys WHERE id = ?`, id)
+	k, err := scanKey(row.Scan)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Key{}, fmt.Errorf("store: get key %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return Key{}, fmt.Errorf("store: get key %s: %w", id, err)
+	}
+	return k, nil
+}
+
+// KeyBySequence implements Store. The empty sequence is stored as NULL and
+// so matches no row.
+func (s *SQLite) KeyBySequence(ctx context.Context, domainID, sequence string) (Key, error) {
+	row := s.db.QueryRowContext(ctx,
+		`SELECT `+keyColumns+` FROM keys WHERE domain_id = ? AND sequence = ?`, domainID, sequence)
+	k, err := scanKey(row.Scan)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Key{}, fmt.Errorf("store: key of domain %s with sequence %q: %w", domainID, sequence, ErrNotFound)
+	}
+	if err != nil {
+		return Key{}, fmt.Errorf("store: key of domain %s with sequence %q: %w", domainID, sequence, err)
+	}
+	return k, nil
+}
+
+// ListKeys implements Store. limit and offset must not be negative; limit 0
+// returns no rows but still the total. A f.State that is not a listed state
+// (KeyCreating or an unknown value) matches nothing.
+func (s *SQLite) ListKeys(ctx context.Context, domainID string, f KeyFilter, limit, offset int) ([]Key, int, error) {
+	if limit < 0 || offset < 0 {
+		return nil, 0, fmt.Errorf("store: list keys of domain %s: negative limit %d or offset %d", domainID, limit, offset)
+	}
+	const where = `WHERE domain_id = ? AND state <> ? AND (? = '' OR state = ?) AND (? = '' OR spec = ?)`
+	args := []any{domainID, string(KeyCreating), f.State, f.State, f.Spec, f.Spec}
+	// As in ListKeystores, the window count makes page and total one snapshot.
+	rows, err := s.db.QueryContext(ctx,
+		`SELECT `+keyColumns+`, COUNT(*) OVER ()
+		FROM keys `+where+`
+		ORDER BY created_at, id
+		LIMIT ? OFFSET ?`,
+		append(args, limit, offset)...)
+	if err != nil {
+		return nil, 0, fmt.Errorf("store: list keys of domain %s: %w", domainID, err)
+	}
+	defer rows.Close()
+	ks := []Key{}
+	total := 0
+	for rows.Next() {
+		k, err := scanKey(func(dest ...any) error {
+			return rows.Scan(append(dest, &total)...)
+		})
+		if err != nil {
+			return nil, 0, fmt.Errorf("store: list keys of domain %s: %w", domainID, err)
+		}
+		ks = append(ks, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, 0, fmt.Errorf("store: list keys of domain %s: %w", domainID, err)
+	}
+	if len(ks) == 0 {
+		if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM keys `+where, args...).Scan(&total); err != nil {
+			return nil, 0, fmt.Errorf("store: count keys of domain %s: %w", domainID, err)
+		}
+	}
+	return ks, total, nil
+}
+
+// SetKeyState implements Store.
+func (s *SQLite) SetKeyState(ctx context.Context, id string, from, to KeyState, at, deletionAt time.Time) error {
+	res, err := s.db.ExecContext(ctx,
+		`UPDATE keys SET state = ?, updated_at = ?, deletion_at = ? WHERE id = ? AND state = ?`,
+		string(to), at.UnixMilli(), nullMilli(deletionAt), id, string(from))
+	if err := s.keyCAS(ctx, id, res, err); err != nil {
+		return fmt.Errorf("store: set key %s state %s -> %s: %w", id, from, to, err)
+	}
+	return nil
+}
+
+// ActivateKey implements Store.
+func (s *SQLite) ActivateKey(ctx context.Context, id string, publicKey []byte, at time.Time) error {
+	res, err := s.db.ExecContext(ctx,
+		`UPDATE keys SET state = ?, public_key = ?, updated_at = ? WHERE id = ? AND state = ?`,
+		string(KeyEnabled), nullBytes(publicKey), at.UnixMilli(), id, string(KeyCreating))
+	if err := s.keyCAS(ctx, id, res, err); err != nil {
+		return fmt.Errorf("store: activate key %s: %w", id, err)
+	}
+	return nil
+}
+
+// keyCAS interprets the outcome of a compare-and-set UPDATE of key id: nil if
+// it changed the row, else the statement's error, ErrNotFound or
+// ErrStateConflict.
+func (s *SQLite) keyCAS(ctx context.Context, id string, res sql.Result, err error) error {
+	if err != nil {
+		return err
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return err
+	}
+	if n == 1 {
+		return nil
+	}
+	// As in SetKeystoreState: tell a missing row from one in another state.
+	var exists int
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM keys WHERE id = ?`, id).Scan(&exists); err != nil {
+		return err
+	}
+	if exists == 0 {
+		return ErrNotFound
+	}
+	return ErrStateConflict
+}
+
+// DeleteKey implements Store.
+func (s *SQLite) DeleteKey(ctx context.Context, id string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM keys WHERE id = ?`, id)
+	if err != nil {
+		return fmt.Errorf("store: delete key %s: %w", id, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return fmt.Errorf("store: delete key %s: %w", id, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("store: delete key %s: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// CountKeys implements Store. An unknown keystore holds 0 keys.
+func (s *SQLite) CountKeys(ctx context.Context, keystoreID string) (int, error) {
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM keys WHERE keystore_id = ?`, keystoreID).Scan(&n); err != nil {
+		return 0, fmt.Errorf("store: count keys of keystore %s: %w", keystoreID, err)
+	}
+	return n, nil
+}
+
+// DueDeletions implements Store. now is compared at millisecond precision.
+func (s *SQLite) DueDeletions(ctx context.Context, now time.Time) ([]Key, error) {
+	return s.queryKeys(ctx, "due deletions",
+		`SELECT `+keyColumns+` FROM keys WHERE state = ? AND deletion_at <= ? ORDER BY deletion_at, id`,
+		string(KeyPendingDeletion), now.UnixMilli())
+}
+
+// AllKeys implements Store.
+func (s *SQLite) AllKeys(ctx context.Context) ([]Key, error) {
+	return s.queryKeys(ctx, "all keys", `SELECT `+keyColumns+` FROM keys ORDER BY created_at, id`)
+}
+
+// queryKeys runs query, which selects keyColumns, and reads every row.
+func (s *SQLite) queryKeys(ctx context.Context, what, query string, args ...any) ([]Key, error) {
+	rows, err := s.db.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, fmt.Errorf("store: %s: %w", what, err)
+	}
+	defer rows.Close()
+	ks := []Key{}
+	for rows.Next() {
+		k, err := scanKey(rows.Scan)
+		if err != nil {
+			return nil, fmt.Errorf("store: %s: %w", what, err)
+		}
+		ks = append(ks, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("store: %s: %w", what, err)
+	}
+	return ks, nil
+}
+
+// scanKey reads keyColumns, in order, through scan.
+func scanKey(scan func(dest ...any) error) (Key, error) {
+	var (
+		k                Key
+		state            string
+		sequence         sql.NullString
+		created, updated int64
+		deletion         sql.NullInt64
+	)
+	err := scan(&k.ID, &k.DomainID, &k.ProjectID, &k.KeystoreID, &k.Alias, &k.Spec, &k.Usage, &k.Description,
+		&k.Origin, &state, &k.PublicKey, &sequence, &created, &updated, &deletion)
+	if err != nil {
+		return Key{}, err
+	}
+	if len(k.PublicKey) == 0 {
+		k.PublicKey = nil
+	}
+	k.State = KeyState(state)
+	k.Sequence = sequence.String
+	k.CreatedAt = time.UnixMilli(created).UTC()
+	k.UpdatedAt = time.UnixMilli(updated).UTC()
+	if deletion.Valid {
+		k.DeletionAt = time.UnixMilli(deletion.Int64).UTC()
+	}
+	return k, nil
+}
+
+// nullString binds "" as NULL.
+func nullString(v string) any {
+	if v == "" {
+		return nil
+	}
+	return v
+}
+
+// nullBytes binds an empty slice as NULL.
+func nullBytes(v []byte) any {
+	if len(v) == 0 {
+		return nil
+	}
+	return v
+}
+
+// nullMilli binds the zero time as NULL, any other as epoch milliseconds.
+func nullMilli(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t.UnixMilli()
+}
+
 // scanKeystore reads keystoreColumns, in order, through scan.
 func scanKeystore(scan func(dest ...any) error) (Keystore, error) {
 	var (
@@ -248,7 +502,7 @@ func scanKeystore(scan func(dest ...any) error) (Keystore, error) {
 	return k, nil
 }
 
-// uniqueConstraints maps each unique constraint of keystores to its
+// uniqueConstraints maps each unique constraint of keystores and keys to its
 // sentinel. SQLite names the columns in its message ("UNIQUE constraint
 // failed: keystores.domain_id, keystores.alias"); the index name is kept for
 // messages that name the index instead (SQLite does so for indexes on
@@ -261,10 +515,13 @@ var uniqueConstraints = []struct {
 	{"keystores_pkey", []string{"keystores.id"}, ErrDuplicateID},
 	{"keystores_domain_alias_key", []string{"keystores.alias", "keystores.domain_id"}, ErrDuplicateAlias},
 	{"keystores_cluster_key", []string{"keystores.cluster_id"}, ErrClusterBound},
+	{"keys_pkey", []string{"keys.id"}, ErrDuplicateID},
+	{"keys_domain_alias_key", []string{"keys.alias", "keys.domain_id"}, ErrDuplicateAlias},
+	{"keys_domain_sequence_key", []string{"keys.domain_id", "keys.sequence"}, ErrDuplicateSequence},
 }
 
 // sqliteUniqueViolation returns the sentinel for a unique or primary-key
-// violation on keystores, or nil if err is anything else.
+// violation on keystores or keys, or nil if err is anything else.
 func sqliteUniqueViolation(err error) error {
 	var se *sqlite.Error
 	if !errors.As(err, &se) {
@@ -275,6 +532,28 @@ func sqliteUniqueViolation(err error) error {
 		return uniqueViolationFromMessage(se.Error())
 	}
 	return nil
+}
+
+// sqliteForeignKeyViolation reports whether err is a foreign-key failure.
+// SQLite does not say which foreign key failed, so callers map it by the
+// statement they ran; each statement here can break at most one.
+//
+// A missing parent is SQLITE_CONSTRAINT_FOREIGNKEY, but an ON DELETE
+// RESTRICT action is run as an internal trigger program and fails with
+// SQLITE_CONSTRAINT_TRIGGER; the message tells it from a user trigger's
+// RAISE (the schema has none).
+func sqliteForeignKeyViolation(err error) bool {
+	var se *sqlite.Error
+	if !errors.As(err, &se) {
+		return false
+	}
+	switch se.Code() {
+	case sqlite3.SQLITE_CONSTRAINT_FOREIGNKEY:
+		return true
+	case sqlite3.SQLITE_CONSTRAINT_TRIGGER:
+		return strings.Contains(se.Error(), "FOREIGN KEY constraint failed")
+	}
+	return false
 }
 
 // uniqueViolationFromMessage picks the constraint a SQLite unique-failure

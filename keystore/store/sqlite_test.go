@@ -404,6 +404,8 @@ func testStore(t *testing.T, open func(t *testing.T) Store) {
 			t.Fatalf("GetKeystore(cancelled create) = %v, want ErrNotFound", err)
 		}
 	})
+
+	testStoreKeys(t, open)
 }
 
 func TestSQLiteReopen(t *testing.T) {
@@ -415,6 +417,10 @@ func TestSQLiteReopen(t *testing.T) {
 	}
 	k := newKeystore(1)
 	mustCreate(t, s, k)
+	key := newKey(1, k.ID)
+	key.PublicKey = []byte{0x30, 0x59, 0x00, 0xff}
+	key.Sequence = "seq-1"
+	mustCreateKey(t, s, key)
 	if err := s.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
@@ -425,12 +431,18 @@ func TestSQLiteReopen(t *testing.T) {
 		t.Fatalf("GetKeystore after reopen: %v", err)
 	}
 	assertKeystore(t, got, stored(k))
-	var versions, appliedAt int64
-	if err := s2.db.QueryRowContext(ctx, `SELECT COUNT(*), MAX(applied_at) FROM schema_migrations`).Scan(&versions, &appliedAt); err != nil {
+	gotKey, err := s2.GetKey(ctx, key.ID)
+	if err != nil {
+		t.Fatalf("GetKey after reopen: %v", err)
+	}
+	assertKey(t, gotKey, storedKey(key))
+	var versions, distinct, appliedAt int64
+	if err := s2.db.QueryRowContext(ctx,
+		`SELECT COUNT(*), COUNT(DISTINCT version), MAX(applied_at) FROM schema_migrations`).Scan(&versions, &distinct, &appliedAt); err != nil {
 		t.Fatalf("read schema_migrations: %v", err)
 	}
-	if versions != 1 {
-		t.Fatalf("schema_migrations has %d rows, want 1", versions)
+	if versions != 2 || distinct != 2 {
+		t.Fatalf("schema_migrations has %d rows (%d versions), want 2 (0001, 0002 once each)", versions, distinct)
 	}
 	var mode string
 	if err := s2.db.QueryRowContext(ctx, `PRAGMA journal_mode`).Scan(&mode); err != nil || mode != "wal" {
@@ -514,6 +526,13 @@ func TestUniqueViolationFromMessage(t *testing.T) {
 		{"constraint failed: UNIQUE constraint failed: keystores.domain_id, keystores.alias, keystores.type (2067)", nil},
 		{"constraint failed: UNIQUE constraint failed: schema_migrations.version (1555)", nil},
 		{"constraint failed: CHECK constraint failed: keystores_state_check (275)", nil},
+		{"constraint failed: UNIQUE constraint failed: keys.domain_id, keys.alias (2067)", ErrDuplicateAlias},
+		{"constraint failed: UNIQUE constraint failed: keys.domain_id, keys.sequence (2067)", ErrDuplicateSequence},
+		{"constraint failed: UNIQUE constraint failed: keys.id (1555)", ErrDuplicateID},
+		{"constraint failed: UNIQUE constraint failed: index 'keys_domain_sequence_key' (2067)", ErrDuplicateSequence},
+		{"constraint failed: UNIQUE constraint failed: keys.sequence (2067)", nil},
+		{"constraint failed: UNIQUE constraint failed: keys.domain_id, keystores.alias (2067)", nil},
+		{"constraint failed: FOREIGN KEY constraint failed (787)", nil},
 		{"database is locked (5) (SQLITE_BUSY)", nil},
 	}
 	for _, tc := range tests {
