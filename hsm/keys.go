@@ -234,3 +234,34 @@ func (c *Cluster) DestroyKey(ctx context.Context, id string) error {
 	}
 	return nil
 }
+
+// KeyIDs returns the ids of the keys on the token: every object whose CKA_ID is
+// a key id as accepted by isKeyID. Start-up repair uses it to find orphans; it is linear in
+// the token's objects, so nothing on the request path calls it.
+func (c *Cluster) KeyIDs(ctx context.Context, isKeyID func(string) bool) ([]string, error) {
+	ids, err := Do(ctx, c.pool, func(s *Session) ([]string, error) {
+		var ids []string
+		seen := map[string]bool{}
+		for _, class := range []uint{pkcs11.CKO_SECRET_KEY, pkcs11.CKO_PRIVATE_KEY, pkcs11.CKO_PUBLIC_KEY} {
+			hs, err := s.find([]*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)}, 0)
+			if err != nil {
+				return nil, err
+			}
+			for _, h := range hs {
+				v, err := s.attributes(h, pkcs11.CKA_ID)
+				if err != nil {
+					return nil, err
+				}
+				if id := string(v[0]); isKeyID(id) && !seen[id] {
+					seen[id] = true
+					ids = append(ids, id)
+				}
+			}
+		}
+		return ids, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cluster %s: list keys: %w", c.id, err)
+	}
+	return ids, nil
+}

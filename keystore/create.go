@@ -137,17 +137,16 @@ func (s *Service) bind(ctx context.Context, cl Cluster, row store.Keystore, ca *
 	return nil
 }
 
-// unbind removes a keystore's marker from its token and then its row. Either may already be
-// gone: it serves a failed create, a delete, and the start-up repair of both.
+// unbind removes a keystore's row and then its marker. The row goes first so the database's
+// foreign key can still refuse (a keystore with keys) before the token is touched; a crash
+// between the two leaves a marker with no row, which start-up repair removes. Either may
+// already be gone: it serves a failed create, a delete, and the repair of both.
 func (s *Service) unbind(ctx context.Context, cl Cluster, id string) error {
 	s.keystores.drop(id)
-	if err := cl.DestroyData(ctx, markerLabel(id)); err != nil {
-		return err
-	}
 	if err := s.store.DeleteKeystore(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
 		return err
 	}
-	return nil
+	return cl.DestroyData(ctx, markerLabel(id))
 }
 
 // validateCreate checks the request's own fields and returns the keystore type and the

@@ -184,7 +184,13 @@ func (s *Service) DeleteKeystore(ctx context.Context, who Caller, id string) err
 		return &Error{Kind: KindInternal, Msg: "get keystore: store failed", Err: err}
 	case k.State == store.StateEnabled:
 		return newError(KindStateConflict, "keystore %s is ENABLED; disable it before deleting it", id)
-	case k.State == store.StateDisabled:
+	}
+	if n, err := s.store.CountKeys(ctx, id); err != nil {
+		return &Error{Kind: KindInternal, Msg: "delete keystore: store failed", Err: err}
+	} else if n > 0 {
+		return newError(KindStateConflict, "keystore %s still holds %d keys; delete them first", id, n)
+	}
+	if k.State == store.StateDisabled {
 		if _, err := s.transition(ctx, k, store.StateDisabled, store.StateDeleting); err != nil {
 			return err
 		}
@@ -200,6 +206,9 @@ func (s *Service) DeleteKeystore(ctx context.Context, who Caller, id string) err
 		return nil
 	}
 	if err := s.unbind(ctx, cl, id); err != nil {
+		if errors.Is(err, store.ErrKeystoreHasKeys) { // a key created meanwhile
+			return newError(KindStateConflict, "keystore %s still holds keys; delete them first", id)
+		}
 		return hsmError("delete keystore", err)
 	}
 	s.setMismatched(id, false)

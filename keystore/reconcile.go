@@ -2,6 +2,7 @@ package keystore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -66,6 +67,53 @@ func (s *Service) Reconcile(ctx context.Context) error {
 	for _, r := range rows {
 		if _, ok := s.clusters[r.ClusterID]; !ok {
 			s.log.Warn("keystore is bound to a cluster that is not configured", "keystore", r.ID, "cluster", r.ClusterID)
+		}
+	}
+	return s.reconcileKeys(ctx, byID)
+}
+
+// reconcileKeys repairs keys: a CREATING row never answered its caller, so its token
+// objects (if any) and its row go; key objects on a token with no row behind them are
+// orphans of an interrupted create, and go; a live row whose objects are missing is reported.
+func (s *Service) reconcileKeys(ctx context.Context, keystores map[string]store.Keystore) error {
+	keys, err := s.store.AllKeys(ctx)
+	if err != nil {
+		return fmt.Errorf("reconcile keys: %w", err)
+	}
+	rows := make(map[string]store.Key, len(keys))
+	for _, k := range keys {
+		rows[k.ID] = k
+	}
+	for _, cl := range s.clusters {
+		onToken, err := cl.KeyIDs(ctx, keyIDRE.MatchString)
+		if err != nil {
+			return fmt.Errorf("reconcile keys: %w", err)
+		}
+		present := make(map[string]bool, len(onToken))
+		for _, id := range onToken {
+			present[id] = true
+			k, ok := rows[id]
+			if ok && k.State != store.KeyCreating && keystores[k.KeystoreID].ClusterID == cl.ID() {
+				continue
+			}
+			if err := s.removeKey(ctx, cl, id); err != nil {
+				return fmt.Errorf("reconcile key %s: %w", id, err)
+			}
+			s.log.Warn("repair: removed a key left half-made", "cluster", cl.ID(), "key", id, "had_row", ok)
+		}
+		for _, k := range keys {
+			if keystores[k.KeystoreID].ClusterID != cl.ID() {
+				continue
+			}
+			switch {
+			case k.State == store.KeyCreating && !present[k.ID]:
+				if err := s.store.DeleteKey(ctx, k.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+					return fmt.Errorf("reconcile key %s: %w", k.ID, err)
+				}
+				s.log.Warn("repair: removed a key row left half-made", "cluster", cl.ID(), "key", k.ID)
+			case k.State != store.KeyCreating && !present[k.ID]:
+				s.log.Error("key has no objects on its token", "cluster", cl.ID(), "key", k.ID)
+			}
 		}
 	}
 	return nil

@@ -70,6 +70,10 @@ type createKeyRequest struct {
 	KeystoreID     string `json:"keystore_id"`
 }
 
+func (r *createKeyRequest) auditIDs() (string, string) { return r.KeystoreID, "" }
+func (r *keyIDRequest) auditIDs() (string, string)     { return "", r.KeyID }
+func (r *cryptoRequest) auditIDs() (string, string)    { return "", r.KeyID }
+
 func (s *Server) createKey(w http.ResponseWriter, r *http.Request, who keystore.Caller) error {
 	var req createKeyRequest
 	if err := decodeBody(w, r, &req); err != nil {
@@ -82,6 +86,7 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request, who keystore.
 	if err != nil {
 		return err
 	}
+	noteAudit(r.Context(), "", k.ID)
 	writeJSON(w, http.StatusOK, map[string]keyInfo{"key_info": {k.ID, k.DomainID, s.region}})
 	return nil
 }

@@ -42,6 +42,7 @@ func (s *Server) createKeystore(w http.ResponseWriter, r *http.Request, who keys
 	if err != nil {
 		return err
 	}
+	noteAudit(r.Context(), created.KeystoreID, "")
 	writeJSON(w, http.StatusOK, createKeystoreResponse{keystoreInfo{created.KeystoreID, created.DomainID}})
 	return nil
 }

@@ -121,7 +121,8 @@ func (s *Server) SetDraining() { s.draining.Store(true) }
 func (s *Server) apiCall(h handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		ctx, cancel := context.WithTimeout(r.Context(), s.timeout)
+		note := &auditNote{keystore: r.PathValue("keystore_id")}
+		ctx, cancel := context.WithTimeout(context.WithValue(r.Context(), auditKey{}, note), s.timeout)
 		defer cancel()
 		r = r.WithContext(ctx)
 		who, err := s.authorize(r)
@@ -135,7 +136,7 @@ func (s *Server) apiCall(h handler) http.Handler {
 		}
 		s.log.InfoContext(ctx, "audit", "request_id", requestID(ctx), "route", r.Pattern,
 			"who", who.Name, "domain", who.DomainID, "project", r.PathValue("project_id"),
-			"keystore", r.PathValue("keystore_id"), "result", resultOf(code), "error_code", code,
+			"keystore", note.keystore, "key", note.key, "result", resultOf(code), "error_code", code,
 			"latency_ms", float64(time.Since(start).Microseconds())/1000)
 	})
 }
@@ -201,7 +202,34 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 	if err := json.Unmarshal(body, v); err != nil {
 		return errMalformedJSON.with("invalid JSON in the request body: " + err.Error())
 	}
+	if a, ok := v.(audited); ok {
+		ks, key := a.auditIDs()
+		noteAudit(r.Context(), ks, key)
+	}
 	return nil
+}
+
+// auditNote collects what the audit line names beyond the route: the keystore and key a
+// call acted on, noted by the handler once it knows them.
+type auditNote struct{ keystore, key string }
+
+type auditKey struct{}
+
+// audited is a request body that names the keystore or key it acts on.
+type audited interface{ auditIDs() (keystore, key string) }
+
+// noteAudit records ids for the request's audit line; empty ids leave the note as it is.
+func noteAudit(ctx context.Context, keystoreID, keyID string) {
+	n, _ := ctx.Value(auditKey{}).(*auditNote)
+	if n == nil {
+		return
+	}
+	if keystoreID != "" {
+		n.keystore = keystoreID
+	}
+	if keyID != "" {
+		n.key = keyID
+	}
 }
 
 type requestIDKey struct{}
