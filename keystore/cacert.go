@@ -45,6 +45,14 @@ func parseCACert(text string, now time.Time) (*caCert, error) {
 
 // issued checks that the CA issued the cluster's identity certificate, valid at now.
 func (ca *caCert) issued(identity *x509.Certificate, now time.Time) error {
+	// The identity's own validity first, so a stale cluster certificate is not blamed on
+	// the caller's CA.
+	if now.After(identity.NotAfter) {
+		return newError(KindCACertificate, "the cluster's identity certificate expired on %s (hsm_ca_cert is not the problem)", identity.NotAfter.UTC().Format(time.RFC3339))
+	}
+	if now.Before(identity.NotBefore) {
+		return newError(KindCACertificate, "the cluster's identity certificate is not valid before %s (hsm_ca_cert is not the problem)", identity.NotBefore.UTC().Format(time.RFC3339))
+	}
 	roots := x509.NewCertPool()
 	roots.AddCert(ca.Certificate)
 	_, err := identity.Verify(x509.VerifyOptions{

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -170,8 +171,10 @@ func (s *Server) authorize(r *http.Request) (keystore.Caller, error) {
 	return who, nil
 }
 
-// unmatched answers paths no route serves: 405 if another method would, else KMS.0201.
+// unmatched answers paths no route serves: 405 with Allow if other methods would, else
+// KMS.0201.
 func (s *Server) unmatched(w http.ResponseWriter, r *http.Request) {
+	var allowed []string
 	for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete, http.MethodPatch} {
 		if m == r.Method {
 			continue
@@ -179,9 +182,13 @@ func (s *Server) unmatched(w http.ResponseWriter, r *http.Request) {
 		probe := r.Clone(r.Context())
 		probe.Method = m
 		if _, pattern := s.mux.Handler(probe); pattern != "" && pattern != "/" {
-			writeError(w, r, s.log, errMethod)
-			return
+			allowed = append(allowed, m)
 		}
+	}
+	if len(allowed) > 0 {
+		w.Header().Set("Allow", strings.Join(allowed, ", "))
+		writeError(w, r, s.log, errMethod)
+		return
 	}
 	writeError(w, r, s.log, errUnknownRoute)
 }
@@ -200,7 +207,7 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 		return errMalformedJSON.with("request body is empty; a JSON object is required")
 	}
 	if err := json.Unmarshal(body, v); err != nil {
-		return errMalformedJSON.with("invalid JSON in the request body: " + err.Error())
+		return errMalformedJSON.with(describeJSONError(err))
 	}
 	if a, ok := v.(audited); ok {
 		ks, key := a.auditIDs()
@@ -230,6 +237,20 @@ func noteAudit(ctx context.Context, keystoreID, keyID string) {
 	if keyID != "" {
 		n.key = keyID
 	}
+}
+
+// describeJSONError says what is wrong with a body without naming our Go types.
+func describeJSONError(err error) string {
+	if se, ok := errors.AsType[*json.SyntaxError](err); ok {
+		return fmt.Sprintf("the request body is not valid JSON (at byte %d)", se.Offset)
+	}
+	if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok {
+		if te.Field == "" {
+			return "the request body must be a JSON object"
+		}
+		return fmt.Sprintf("field %s must be a %s, not a %s", te.Field, te.Type.Kind(), te.Value)
+	}
+	return "the request body is not valid JSON"
 }
 
 type requestIDKey struct{}
