@@ -16,9 +16,9 @@ import (
 type SignScheme uint8
 
 const (
-	SchemeECDSA     SignScheme = iota // CKM_ECDSA over the digest; the result is ASN.1 DER
-	SchemePKCS1v15                    // CKM_RSA_PKCS over DigestInfo ‖ digest
-	SchemeRSAPSS                      // CKM_RSA_PKCS_PSS, MGF1 with the same hash, salt = hash length
+	SchemeECDSA    SignScheme = iota // CKM_ECDSA over the digest; the result is ASN.1 DER
+	SchemePKCS1v15                   // CKM_RSA_PKCS over DigestInfo ‖ digest
+	SchemeRSAPSS                     // CKM_RSA_PKCS_PSS, MGF1 with the same hash, salt = hash length
 )
 
 // digestInfoPrefix is the DER prefix of a PKCS#1 v1.5 DigestInfo for each hash (RFC 8017 §9.2).
