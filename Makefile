@@ -30,8 +30,10 @@ vet:
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
 
+# The SDK tests are a module of their own (the SDK is too big a dependency for the daemon).
 test: softhsm vet
 	$(GO) test -race -count=1 ./...
+	cd testdata/sdkclient && $(GO) vet ./... && $(GO) test -count=1 ./...
 
 clean:
 	rm -rf bin $(DEV_DIR)
