@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -57,7 +59,9 @@ type daemon struct {
 	store    store.Store
 	clusters []*hsm.Cluster
 	svc      *keystore.Service
+	auth     api.Schemes
 	server   *api.Server
+	trusted  *api.Server // the trusted frontend's listener, if configured
 }
 
 // openDaemon opens the store, then each cluster in turn (serially, so a bad PIN is tried
@@ -92,14 +96,18 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 	if err := svc.Reconcile(ctx); err != nil {
 		return nil, err
 	}
-	auth, err := api.LoadTokenFile(cfg.Auth.TokenFile)
-	if err != nil {
+	if d.auth, err = authSchemes(cfg.Auth, metrics); err != nil {
 		return nil, err
 	}
-	d.server = api.NewServer(api.Config{
-		Service: svc, Auth: auth, Metrics: metrics, Log: log, Region: cfg.Region,
+	apiCfg := api.Config{
+		Service: svc, Auth: d.auth, Metrics: metrics, Log: log, Region: cfg.Region,
 		RequestTimeout: cfg.Server.RequestTimeout.Duration,
-	})
+	}
+	d.server = api.NewServer(apiCfg)
+	if t := cfg.Auth.Trusted; t.Listen != "" {
+		apiCfg.Auth, apiCfg.Trusted = &api.TrustedFrontend{AllowedUIDs: t.AllowedUIDs, Subjects: t.Subjects}, true
+		d.trusted = api.NewServer(apiCfg)
+	}
 	return d, nil
 }
 
@@ -122,9 +130,12 @@ func openCluster(ctx context.Context, cc config.Cluster, m *api.Metrics) (*hsm.C
 	return hsm.OpenCluster(ctx, hc)
 }
 
-// listen opens the configured TCP address or Unix socket (mode 0660, for the frontend's group).
-func listen(cfg *config.Config) (net.Listener, error) {
-	network, addr := cfg.ListenNetwork()
+// listen opens the API's configured TCP address or Unix socket.
+func listen(cfg *config.Config) (net.Listener, error) { return listenOn(cfg.Listen) }
+
+// listenOn opens a TCP address or a Unix socket (mode 0660, for the frontend's group).
+func listenOn(listen string) (net.Listener, error) {
+	network, addr := config.SplitListen(listen)
 	if network == "unix" {
 		if fi, err := os.Lstat(addr); err == nil && fi.Mode()&os.ModeSocket != 0 {
 			_ = os.Remove(addr) // a stale socket of an earlier run
@@ -132,55 +143,131 @@ func listen(cfg *config.Config) (net.Listener, error) {
 	}
 	ln, err := net.Listen(network, addr)
 	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
+		return nil, fmt.Errorf("listen %s: %w", listen, err)
 	}
 	if network == "unix" {
 		if err := os.Chmod(addr, 0o660); err != nil {
-			return nil, errors.Join(fmt.Errorf("listen %s: %w", cfg.Listen, err), ln.Close())
+			return nil, errors.Join(fmt.Errorf("listen %s: %w", listen, err), ln.Close())
 		}
 	}
 	return ln, nil
 }
 
-// run serves on ln until ctx ends, then shuts down in reverse order of start-up: /readyz
-// fails, HTTP drains (bounded), pools and modules close, the store closes.
+// run serves the API on ln, and the trusted-frontend and ops listeners if configured, until
+// ctx ends; then it shuts down in reverse order of start-up: /readyz fails, HTTP drains
+// (bounded), pools and modules close, the store closes. SIGHUP reloads the credentials.
 func (d *daemon) run(ctx context.Context, ln net.Listener) error {
+	servers := []served{{d.newHTTPServer(d.server), ln, false}}
+	extra, err := d.extraListeners()
+	if err != nil {
+		return errors.Join(err, ln.Close(), d.close(context.Background()))
+	}
+	servers = append(servers, extra...)
+	errs := make(chan error, len(servers))
+	for _, s := range servers {
+		go func() {
+			var err error
+			if s.tls {
+				err = s.srv.ServeTLS(s.ln, "", "")
+			} else {
+				err = s.srv.Serve(s.ln)
+			}
+			errs <- err
+		}()
+	}
+	sweepCtx, stopSweep := context.WithCancel(context.Background())
+	swept := make(chan struct{})
+	go func() { defer close(swept); d.sweepDeletions(sweepCtx) }()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	notifyReady(d.log)
+	stopWatchdog := startWatchdog(d.log)
+	var runErr error
+	for waiting := true; waiting; {
+		select {
+		case <-hup:
+			reloadAuth(d.auth, d.log)
+		case runErr = <-errs: // a listener failed: stop everything
+			waiting = false
+		case <-ctx.Done():
+			waiting = false
+		}
+	}
+	stopWatchdog()
+	notifyStopping()
+	grace := d.cfg.Server.ShutdownTimeout.Duration
+	d.log.Info("shutting down", "grace", grace.String())
+	d.server.SetDraining()
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	var shutdownErrs []error
+	for _, s := range servers {
+		if err := s.srv.Shutdown(sctx); err != nil {
+			shutdownErrs = append(shutdownErrs, err)
+		}
+	}
+	stopSweep()
+	<-swept
+	if errors.Is(runErr, http.ErrServerClosed) {
+		runErr = nil
+	}
+	cctx, cancelClose := context.WithTimeout(context.Background(), grace)
+	defer cancelClose()
+	return errors.Join(runErr, errors.Join(shutdownErrs...), d.close(cctx))
+}
+
+// served is one HTTP server on its listener.
+type served struct {
+	srv *http.Server
+	ln  net.Listener
+	tls bool
+}
+
+func (d *daemon) newHTTPServer(h http.Handler) *http.Server {
 	s := d.cfg.Server
-	srv := &http.Server{
-		Handler:           d.server,
+	return &http.Server{
+		Handler:           h,
 		ReadHeaderTimeout: s.ReadHeaderTimeout.Duration,
 		ReadTimeout:       s.ReadTimeout.Duration,
 		WriteTimeout:      s.WriteTimeout.Duration,
 		IdleTimeout:       s.IdleTimeout.Duration,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
-		// Requests must not inherit ctx: SIGTERM would cancel them instead of draining them.
+		// Requests must not inherit the signal context: SIGTERM would cancel them instead
+		// of letting them drain.
 		BaseContext: func(net.Listener) context.Context { return context.Background() },
 	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	sweepCtx, stopSweep := context.WithCancel(context.Background())
-	swept := make(chan struct{})
-	go func() { defer close(swept); d.sweepDeletions(sweepCtx) }()
-	var err error
-	select {
-	case err = <-served:
-	case <-ctx.Done():
-		d.log.Info("shutting down", "grace", s.ShutdownTimeout.Duration.String())
-		d.server.SetDraining()
-		sctx, cancel := context.WithTimeout(context.Background(), s.ShutdownTimeout.Duration)
-		defer cancel()
-		err = srv.Shutdown(sctx)
-		<-served
+}
+
+// extraListeners opens the trusted-frontend and ops listeners that the config names.
+func (d *daemon) extraListeners() ([]served, error) {
+	var out []served
+	if d.trusted != nil {
+		srv := d.newHTTPServer(d.trusted)
+		if err := trustedServer(d.cfg.Auth.Trusted, srv); err != nil {
+			return nil, err
+		}
+		ln, err := listenOn(d.cfg.Auth.Trusted.Listen)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, served{srv, ln, srv.TLSConfig != nil})
+		d.log.Info("serving trusted frontends", "listen", d.cfg.Auth.Trusted.Listen)
 	}
-	stopSweep()
-	<-swept
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
+	if addr := d.cfg.Server.MetricsListen; addr != "" {
+		ln, err := listenOn(addr)
+		if err != nil {
+			for _, s := range out {
+				_ = s.ln.Close()
+			}
+			return nil, err
+		}
+		out = append(out, served{d.newHTTPServer(d.server.OpsHandler()), ln, false})
+		d.log.Info("serving health and metrics", "listen", addr)
 	}
-	cctx, cancel := context.WithTimeout(context.Background(), s.ShutdownTimeout.Duration)
-	defer cancel()
-	return errors.Join(err, d.close(cctx))
+	return out, nil
 }
 
 // deletionSweep is how often keys whose pending deletion has come are destroyed. Pending

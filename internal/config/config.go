@@ -57,11 +57,40 @@ type Store struct {
 	Path string `yaml:"path"`
 }
 
-// Auth configures API authentication.
+// Auth configures how callers authenticate. At least one scheme is required; each
+// request is checked by the scheme its headers name.
 type Auth struct {
-	// TokenFile maps X-Auth-Token values to a domain and its projects. It is
-	// read by the auth package; here it is only required to be set.
+	// TokenFile maps X-Auth-Token values (by SHA-256) to a domain and its projects: the
+	// simple scheme for development and tests.
 	TokenFile string `yaml:"token_file"`
+	// AKSKFile holds access keys for SDK-HMAC-SHA256 request signing, the scheme the
+	// official SDKs use. It must not be readable by group or others.
+	AKSKFile string `yaml:"aksk_file"`
+	// JWT verifies signed X-Auth-Token tokens from an issuer whose public keys we hold.
+	JWT JWT `yaml:"jwt"`
+	// Trusted is the sidecar listener where a trusted frontend names the tenant in headers.
+	Trusted Trusted `yaml:"trusted"`
+}
+
+// JWT configures signed-token verification; it is on when JWKSFile is set.
+type JWT struct {
+	JWKSFile   string   `yaml:"jwks_file"`
+	Issuer     string   `yaml:"issuer"`
+	Audience   string   `yaml:"audience"`
+	Algorithms []string `yaml:"algorithms"` // default ES256, RS256, EdDSA
+	Leeway     Duration `yaml:"leeway"`     // default 30s
+}
+
+// Trusted configures the trusted-frontend listener; it is on when Listen is set. On a Unix
+// socket the peer's uid must be in AllowedUIDs; on TCP the client must present a
+// certificate that chains to ClientCA and whose subject is in Subjects.
+type Trusted struct {
+	Listen      string   `yaml:"listen"`
+	AllowedUIDs []int    `yaml:"allowed_uids"`
+	ClientCA    string   `yaml:"client_ca"`
+	CertFile    string   `yaml:"cert_file"`
+	KeyFile     string   `yaml:"key_file"`
+	Subjects    []string `yaml:"subjects"` // RFC 2253 subject strings, e.g. "CN=frontend-a,O=kms"
 }
 
 // Log configures the daemon's logger.
@@ -82,6 +111,9 @@ type Server struct {
 	// HSM session; default 5s. It must be shorter than WriteTimeout, or the
 	// connection is cut before the timeout response can be written.
 	RequestTimeout Duration `yaml:"request_timeout"`
+	// MetricsListen, if set, is a second listener serving only /healthz, /readyz and
+	// /metrics, for probes and scrapers that cannot reach the API's Unix socket.
+	MetricsListen string `yaml:"metrics_listen"`
 }
 
 // Cluster types, as reported by the KMS dedicated keystore API.
@@ -246,6 +278,7 @@ func (c *Config) setDefaults() {
 	s.IdleTimeout = cmp.Or(s.IdleTimeout, Duration{120 * time.Second})
 	s.ShutdownTimeout = cmp.Or(s.ShutdownTimeout, Duration{15 * time.Second})
 	s.RequestTimeout = cmp.Or(s.RequestTimeout, Duration{5 * time.Second})
+	c.Auth.JWT.Leeway = cmp.Or(c.Auth.JWT.Leeway, Duration{30 * time.Second})
 	for i := range c.Clusters {
 		cl := &c.Clusters[i]
 		cl.Type = cmp.Or(cl.Type, ClusterTypeDHSM)
@@ -261,12 +294,21 @@ func (c *Config) resolvePaths(dir string) {
 			*p = filepath.Join(dir, *p)
 		}
 	}
-	if sock, ok := strings.CutPrefix(c.Listen, "unix:"); ok {
-		resolve(&sock)
-		c.Listen = "unix:" + sock
+	resolveListen := func(l *string) {
+		if sock, ok := strings.CutPrefix(*l, "unix:"); ok {
+			resolve(&sock)
+			*l = "unix:" + sock
+		}
 	}
+	resolveListen(&c.Listen)
+	resolveListen(&c.Auth.Trusted.Listen)
 	resolve(&c.Store.Path)
 	resolve(&c.Auth.TokenFile)
+	resolve(&c.Auth.AKSKFile)
+	resolve(&c.Auth.JWT.JWKSFile)
+	resolve(&c.Auth.Trusted.ClientCA)
+	resolve(&c.Auth.Trusted.CertFile)
+	resolve(&c.Auth.Trusted.KeyFile)
 	for i := range c.Clusters {
 		resolve(&c.Clusters[i].Identity.CertFile)
 		resolve(&c.Clusters[i].PIN.File)
@@ -274,11 +316,14 @@ func (c *Config) resolvePaths(dir string) {
 }
 
 // ListenNetwork returns the network and address to pass to net.Listen.
-func (c *Config) ListenNetwork() (network, address string) {
-	if sock, ok := strings.CutPrefix(c.Listen, "unix:"); ok {
+func (c *Config) ListenNetwork() (network, address string) { return SplitListen(c.Listen) }
+
+// SplitListen turns a listen value ("host:port" or "unix:/path") into a network and address.
+func SplitListen(listen string) (network, address string) {
+	if sock, ok := strings.CutPrefix(listen, "unix:"); ok {
 		return "unix", sock
 	}
-	return "tcp", c.Listen
+	return "tcp", listen
 }
 
 // Validate checks c as the daemon will use it, that is after defaults, and
@@ -286,7 +331,10 @@ func (c *Config) ListenNetwork() (network, address string) {
 // the path of the offending key. It reads no files and no PINs.
 func (c *Config) Validate() error {
 	var errs []error
-	errs = append(errs, validateListen(c.Listen)...)
+	errs = append(errs, validateListen("listen", c.Listen)...)
+	if c.Server.MetricsListen != "" {
+		errs = append(errs, validateListen("server.metrics_listen", c.Server.MetricsListen)...)
+	}
 	if c.Region == "" {
 		errs = append(errs, problem("region", "required"))
 	}
@@ -303,19 +351,19 @@ func problem(path, format string, args ...any) error {
 	return fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...))
 }
 
-func validateListen(listen string) []error {
+func validateListen(key, listen string) []error {
 	if sock, ok := strings.CutPrefix(listen, "unix:"); ok {
 		if sock == "" {
-			return []error{problem("listen", "unix: needs a socket path, e.g. unix:/run/hsmbridge/api.sock")}
+			return []error{problem(key, "unix: needs a socket path, e.g. unix:/run/hsmbridge/api.sock")}
 		}
 		return nil
 	}
 	_, port, err := net.SplitHostPort(listen)
 	if err != nil {
-		return []error{problem("listen", "want host:port or unix:/path: %v", err)}
+		return []error{problem(key, "want host:port or unix:/path: %v", err)}
 	}
 	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
-		return []error{problem("listen", "port must be a number from 0 to 65535, got %q", port)}
+		return []error{problem(key, "port must be a number from 0 to 65535, got %q", port)}
 	}
 	return nil
 }
@@ -331,10 +379,43 @@ func (s Store) validate(path string) []error {
 }
 
 func (a Auth) validate(path string) []error {
-	if a.TokenFile == "" {
-		return []error{problem(path+".token_file", "required")}
+	var errs []error
+	if a.TokenFile == "" && a.AKSKFile == "" && a.JWT.JWKSFile == "" {
+		errs = append(errs, problem(path, "name at least one of token_file, aksk_file, jwt.jwks_file"))
 	}
-	return nil
+	if a.JWT.JWKSFile != "" {
+		if a.JWT.Issuer == "" {
+			errs = append(errs, problem(path+".jwt.issuer", "required with jwt.jwks_file"))
+		}
+		if a.JWT.Audience == "" {
+			errs = append(errs, problem(path+".jwt.audience", "required with jwt.jwks_file"))
+		}
+		if a.JWT.Leeway.Duration < 0 {
+			errs = append(errs, problem(path+".jwt.leeway", "must not be negative"))
+		}
+	}
+	if t := a.Trusted; t.Listen != "" {
+		p := path + ".trusted"
+		if sock, ok := strings.CutPrefix(t.Listen, "unix:"); ok {
+			if sock == "" {
+				errs = append(errs, problem(p+".listen", "unix: needs a socket path"))
+			}
+			if len(t.AllowedUIDs) == 0 {
+				errs = append(errs, problem(p+".allowed_uids", "required for a Unix socket listener"))
+			}
+		} else {
+			errs = append(errs, validateListen(p+".listen", t.Listen)...)
+			for key, v := range map[string]string{"client_ca": t.ClientCA, "cert_file": t.CertFile, "key_file": t.KeyFile} {
+				if v == "" {
+					errs = append(errs, problem(p+"."+key, "required for an mTLS listener"))
+				}
+			}
+			if len(t.Subjects) == 0 {
+				errs = append(errs, problem(p+".subjects", "required for an mTLS listener"))
+			}
+		}
+	}
+	return errs
 }
 
 func (l Log) validate(path string) []error {

@@ -28,7 +28,7 @@ func TestLoadValid(t *testing.T) {
 				Listen: "unix:" + filepath.Join(dir, "run/hsmbridge.sock"),
 				Region: "cn-north-4",
 				Store:  Store{Driver: "sqlite", Path: filepath.Join(dir, "data/hsmbridge.db")},
-				Auth:   Auth{TokenFile: filepath.Join(dir, "tokens.yaml")},
+				Auth:   Auth{TokenFile: filepath.Join(dir, "tokens.yaml"), JWT: JWT{Leeway: dur(30 * time.Second)}},
 				Log:    Log{Level: "debug", Format: "text"},
 				Server: Server{
 					ReadHeaderTimeout: dur(2 * time.Second),
@@ -66,7 +66,7 @@ func TestLoadValid(t *testing.T) {
 				Listen: "127.0.0.1:8080",
 				Region: "local-1",
 				Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/hsmbridge.db"},
-				Auth:   Auth{TokenFile: "/etc/hsmbridge/tokens.yaml"},
+				Auth:   Auth{TokenFile: "/etc/hsmbridge/tokens.yaml", JWT: JWT{Leeway: dur(30 * time.Second)}},
 				Log:    Log{Level: "info", Format: "json"},
 				Server: Server{
 					ReadHeaderTimeout: dur(5 * time.Second),
@@ -151,7 +151,7 @@ func TestLoadErrors(t *testing.T) {
 				"many_problems.yaml: invalid configuration:",
 				"listen: want host:port or unix:/path",
 				`store.driver: "postgres" is not available: only sqlite is available in this build`,
-				"auth.token_file: required",
+				"auth: name at least one of token_file, aksk_file, jwt.jwks_file",
 				`log.level: must be debug, info, warn or error, got "verbose"`,
 				`clusters[0].module: must be an absolute path, got "libsofthsm2.so"`,
 				"clusters[0].token: serial or label required",

@@ -9,19 +9,70 @@ import (
 	"os"
 	"regexp"
 	"slices"
+	"strings"
 
 	"go.yaml.in/yaml/v3"
 )
 
-// Identity is an authenticated caller: a tenant domain and the projects it may use.
+// Identity is an authenticated caller: a tenant domain, the projects it may use and, if
+// it is limited, the actions it may take.
 type Identity struct {
 	Name       string
 	DomainID   string
 	ProjectIDs []string
+	// Roles limits the identity to these actions ("kms:keystore:list", "kms:cmk:*", "*");
+	// nil means no limit.
+	Roles []string
 }
 
 // MayUseProject reports whether the identity may act in project.
 func (id Identity) MayUseProject(project string) bool { return slices.Contains(id.ProjectIDs, project) }
+
+// MayDo reports whether the identity's roles allow action. A role ending in ":*" allows
+// every action under its prefix; "*" allows all.
+func (id Identity) MayDo(action string) bool {
+	if id.Roles == nil {
+		return true
+	}
+	for _, r := range id.Roles {
+		if r == "*" || r == action {
+			return true
+		}
+		if prefix, ok := strings.CutSuffix(r, "*"); ok && strings.HasSuffix(prefix, ":") && strings.HasPrefix(action, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// Schemes picks the authenticator a request's headers ask for: SDK-HMAC-SHA256 signing
+// when an Authorization header is present, else X-Auth-Token — a signed token (three
+// dot-separated parts) to JWT, any other to the token file. A scheme left nil is refused.
+type Schemes struct {
+	AKSK   *AKSK
+	JWT    *JWTVerifier
+	Tokens *TokenFile
+}
+
+// Authenticate implements Authenticator.
+func (sc Schemes) Authenticate(r *http.Request) (Identity, error) {
+	if r.Header.Get("Authorization") != "" {
+		if sc.AKSK == nil {
+			return Identity{}, &authError{"AK/SK signing is not enabled on this service"}
+		}
+		return sc.AKSK.Authenticate(r)
+	}
+	tok := r.Header.Get("X-Auth-Token")
+	switch {
+	case tok == "":
+		return Identity{}, &authError{"x-auth-token not found"}
+	case strings.Count(tok, ".") == 2 && sc.JWT != nil:
+		return sc.JWT.Authenticate(r)
+	case sc.Tokens != nil:
+		return sc.Tokens.Authenticate(r)
+	}
+	return Identity{}, &authError{"the token is not valid"}
+}
 
 // Authenticator checks a request's credential. A missing or rejected credential is an
 // error answered with 401; it must not echo the credential.

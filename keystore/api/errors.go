@@ -83,6 +83,7 @@ var (
 	errInvalidLimit    = &apiError{wireError{http.StatusBadRequest, "KMS.1601", "invalid limit"}, ""}
 	errInvalidMarker   = &apiError{wireError{http.StatusBadRequest, "KMS.1602", "marker must be a non-negative integer"}, ""}
 	errInvalidOffset   = &apiError{wireError{http.StatusBadRequest, "KMS.1603", "invalid offset"}, ""}
+	errActionDenied    = &apiError{wireError{http.StatusForbidden, "KMS.0306", "no access permissions"}, ""}
 	errProjectDenied   = &apiError{wireError{http.StatusForbidden, "KMS.0321", "the project in the URL is not one this credential may use"}, ""}
 	errUnauthenticated = wireError{http.StatusUnauthorized, "APIGW.0301", "Incorrect IAM authentication information"}
 )

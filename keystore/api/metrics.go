@@ -24,6 +24,7 @@ type Metrics struct {
 	http     *prometheus.HistogramVec
 	hsmCalls *prometheus.HistogramVec
 	wait     *prometheus.HistogramVec
+	authFail *prometheus.CounterVec
 }
 
 // NewMetrics registers hsmbridge's metrics, and build info, on reg (a registry of our own,
@@ -47,13 +48,23 @@ func NewMetrics(reg prometheus.Registerer, g prometheus.Gatherer, version string
 			Buckets: latencyBuckets,
 		}, []string{"cluster"}),
 	}
+	m.authFail = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "hsmbridge_auth_failures_total",
+		Help: "Requests refused for their credential, by scheme (aksk, jwt) and reason.",
+	}, []string{"scheme", "reason"})
+	for _, r := range AKSKFailureReasons() {
+		m.authFail.WithLabelValues("aksk", r)
+	}
+	for _, r := range JWTFailureReasons() {
+		m.authFail.WithLabelValues("jwt", r)
+	}
 	build := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "hsmbridge_build_info",
 		Help:        "Always 1; the labels say which build is running.",
 		ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
 	})
 	build.Set(1)
-	reg.MustRegister(m.http, m.hsmCalls, m.wait, build)
+	reg.MustRegister(m.http, m.hsmCalls, m.wait, m.authFail, build)
 	return m
 }
 
@@ -78,6 +89,13 @@ func (m *Metrics) HSMCalls(cluster string) hsm.Interceptor {
 		calls.WithLabelValues(fn, result).Observe(time.Since(start).Seconds())
 		return err
 	}
+}
+
+// AuthFailure returns the counter of scheme's refusals, for AKSK.OnFailure and
+// JWTVerifier.OnFailure.
+func (m *Metrics) AuthFailure(scheme string) func(reason string) {
+	c := m.authFail.MustCurryWith(prometheus.Labels{"scheme": scheme})
+	return func(reason string) { c.WithLabelValues(reason).Inc() }
 }
 
 // AcquireWait returns the observer of cluster's pool waits.

@@ -30,6 +30,7 @@ type Server struct {
 	metrics  *Metrics
 	log      *slog.Logger
 	region   string
+	trusted  bool
 	timeout  time.Duration
 	draining atomic.Bool
 	mux      *http.ServeMux
@@ -42,18 +43,58 @@ type Config struct {
 	Metrics *Metrics // nil: no metrics
 	Log     *slog.Logger
 	Region  string // reported as region_id and realm
+	// Trusted marks the trusted frontend's listener, the only one that accepts identity
+	// headers (with a TrustedFrontend as Auth).
+	Trusted bool
 	// RequestTimeout bounds each API request, including its wait for an HSM session.
 	RequestTimeout time.Duration
 }
 
 // handler serves one authenticated API call; a returned error is answered by writeError.
-type handler func(w http.ResponseWriter, r *http.Request, who keystore.Caller) error
+type handler func(s *Server, w http.ResponseWriter, r *http.Request, who keystore.Caller) error
+
+// route is one API call: its pattern, the IAM-style action a role must allow, and whether
+// it changes state (then an AK/SK signature may be used only once).
+type route struct {
+	pattern  string
+	action   string
+	mutating bool
+	h        handler
+}
+
+// routes lists every API call. Keystore actions are the service's IAM actions; key actions
+// follow its kms:cmk:* and kms:dek:* naming.
+var routes = []route{
+	{"POST /v1.0/{project_id}/keystores", "kms:keystore:create", true, (*Server).createKeystore},
+	{"GET /v1.0/{project_id}/keystores", "kms:keystore:list", false, (*Server).listKeystores},
+	{"GET /v1.0/{project_id}/keystores/{keystore_id}", "kms:keystore:get", false, (*Server).showKeystore},
+	{"DELETE /v1.0/{project_id}/keystores/{keystore_id}", "kms:keystore:delete", true, (*Server).deleteKeystore},
+	{"POST /v1.0/{project_id}/keystores/{keystore_id}/enable", "kms:keystore:enable", true, (*Server).enableKeystore},
+	{"POST /v1.0/{project_id}/keystores/{keystore_id}/disable", "kms:keystore:disable", true, (*Server).disableKeystore},
+	{"POST /v1.0/{project_id}/kms/create-key", "kms:cmk:create", true, (*Server).createKey},
+	{"POST /v1.0/{project_id}/kms/describe-key", "kms:cmk:get", false, (*Server).describeKey},
+	{"POST /v1.0/{project_id}/kms/list-keys", "kms:cmk:list", false, (*Server).listKeys},
+	{"POST /v1.0/{project_id}/kms/get-publickey", "kms:cmk:getPublicKey", false, (*Server).getPublicKey},
+	{"POST /v1.0/{project_id}/kms/enable-key", "kms:cmk:enable", true, (*Server).enableKey},
+	{"POST /v1.0/{project_id}/kms/disable-key", "kms:cmk:disable", true, (*Server).disableKey},
+	{"POST /v1.0/{project_id}/kms/schedule-key-deletion", "kms:cmk:update", true, (*Server).scheduleKeyDeletion},
+	{"POST /v1.0/{project_id}/kms/cancel-key-deletion", "kms:cmk:update", true, (*Server).cancelKeyDeletion},
+	{"POST /v1.0/{project_id}/kms/encrypt-data", "kms:cmk:encrypt", false, (*Server).encryptData},
+	{"POST /v1.0/{project_id}/kms/decrypt-data", "kms:cmk:decrypt", false, (*Server).decryptData},
+	{"POST /v1.0/{project_id}/kms/create-datakey", "kms:dek:create", false, (*Server).createDatakey},
+	{"POST /v1.0/{project_id}/kms/create-datakey-without-plaintext", "kms:dek:create", false, (*Server).createDatakeyWithoutPlaintext},
+	{"POST /v1.0/{project_id}/kms/encrypt-datakey", "kms:dek:crypto", false, (*Server).encryptDatakey},
+	{"POST /v1.0/{project_id}/kms/decrypt-datakey", "kms:dek:crypto", false, (*Server).decryptDatakey},
+	{"POST /v1.0/{project_id}/kms/sign", "kms:cmk:sign", false, (*Server).sign},
+	{"POST /v1.0/{project_id}/kms/verify", "kms:cmk:verify", false, (*Server).verify},
+	{"POST /v1.0/{project_id}/kms/gen-random", "kms:cmk:generate", false, (*Server).genRandom},
+}
 
 // NewServer builds the routes.
 func NewServer(cfg Config) *Server {
 	s := &Server{
 		svc: cfg.Service, auth: cfg.Auth, metrics: cfg.Metrics,
-		log: cfg.Log, region: cfg.Region, timeout: cfg.RequestTimeout, mux: http.NewServeMux(),
+		log: cfg.Log, region: cfg.Region, trusted: cfg.Trusted, timeout: cfg.RequestTimeout, mux: http.NewServeMux(),
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -61,33 +102,8 @@ func NewServer(cfg Config) *Server {
 	if s.timeout <= 0 {
 		s.timeout = 5 * time.Second
 	}
-	api := map[string]handler{
-		"POST /v1.0/{project_id}/keystores":                            s.createKeystore,
-		"GET /v1.0/{project_id}/keystores":                             s.listKeystores,
-		"GET /v1.0/{project_id}/keystores/{keystore_id}":               s.showKeystore,
-		"DELETE /v1.0/{project_id}/keystores/{keystore_id}":            s.deleteKeystore,
-		"POST /v1.0/{project_id}/keystores/{keystore_id}/enable":       s.enableKeystore,
-		"POST /v1.0/{project_id}/keystores/{keystore_id}/disable":      s.disableKeystore,
-		"POST /v1.0/{project_id}/kms/create-key":                       s.createKey,
-		"POST /v1.0/{project_id}/kms/describe-key":                     s.describeKey,
-		"POST /v1.0/{project_id}/kms/list-keys":                        s.listKeys,
-		"POST /v1.0/{project_id}/kms/get-publickey":                    s.getPublicKey,
-		"POST /v1.0/{project_id}/kms/enable-key":                       s.enableKey,
-		"POST /v1.0/{project_id}/kms/disable-key":                      s.disableKey,
-		"POST /v1.0/{project_id}/kms/schedule-key-deletion":            s.scheduleKeyDeletion,
-		"POST /v1.0/{project_id}/kms/cancel-key-deletion":              s.cancelKeyDeletion,
-		"POST /v1.0/{project_id}/kms/encrypt-data":                     s.encryptData,
-		"POST /v1.0/{project_id}/kms/decrypt-data":                     s.decryptData,
-		"POST /v1.0/{project_id}/kms/create-datakey":                   s.createDatakey,
-		"POST /v1.0/{project_id}/kms/create-datakey-without-plaintext": s.createDatakeyWithoutPlaintext,
-		"POST /v1.0/{project_id}/kms/encrypt-datakey":                  s.encryptDatakey,
-		"POST /v1.0/{project_id}/kms/decrypt-datakey":                  s.decryptDatakey,
-		"POST /v1.0/{project_id}/kms/sign":                             s.sign,
-		"POST /v1.0/{project_id}/kms/verify":                           s.verify,
-		"POST /v1.0/{project_id}/kms/gen-random":                       s.genRandom,
-	}
-	for pattern, h := range api {
-		s.mux.Handle(pattern, s.apiCall(h))
+	for _, rt := range routes {
+		s.mux.Handle(rt.pattern, s.apiCall(rt))
 	}
 	s.mux.HandleFunc("GET /healthz", s.healthz)
 	s.mux.HandleFunc("GET /readyz", s.readyz)
@@ -96,6 +112,18 @@ func NewServer(cfg Config) *Server {
 	}
 	s.mux.HandleFunc("/", s.unmatched)
 	return s
+}
+
+// OpsHandler serves only /healthz, /readyz and /metrics: the handler of a separate listener
+// for probes and scrapers that cannot reach the API's socket.
+func (s *Server) OpsHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", s.healthz)
+	mux.HandleFunc("GET /readyz", s.readyz)
+	if s.metrics != nil {
+		mux.Handle("GET /metrics", s.metrics.handler())
+	}
+	return mux
 }
 
 // ServeHTTP gives every response a request id, and records it in the metrics and the log.
@@ -118,17 +146,21 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // SetDraining makes /readyz fail, so load balancers stop sending work before shutdown.
 func (s *Server) SetDraining() { s.draining.Store(true) }
 
-// apiCall wraps an API handler: deadline, authentication, project check, audit line, errors.
-func (s *Server) apiCall(h handler) http.Handler {
+// apiCall wraps an API handler: deadline, authentication, authorisation, audit line, errors.
+func (s *Server) apiCall(rt route) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		note := &auditNote{keystore: r.PathValue("keystore_id")}
-		ctx, cancel := context.WithTimeout(context.WithValue(r.Context(), auditKey{}, note), s.timeout)
+		ctx := context.WithValue(r.Context(), auditKey{}, note)
+		if rt.mutating {
+			ctx = context.WithValue(ctx, replayGuardKey{}, true)
+		}
+		ctx, cancel := context.WithTimeout(ctx, s.timeout)
 		defer cancel()
 		r = r.WithContext(ctx)
-		who, err := s.authorize(r)
+		who, err := s.authorize(r, rt.action)
 		if err == nil {
-			err = h(w, r, who)
+			err = rt.h(s, w, r, who)
 		}
 		code := ""
 		if err != nil {
@@ -157,8 +189,13 @@ func errorCode(err error) string {
 	return row.Code
 }
 
-// authorize authenticates the caller and checks the path's project is one they may use.
-func (s *Server) authorize(r *http.Request) (keystore.Caller, error) {
+// authorize authenticates the caller, checks the path's project is one they may use, and
+// that their roles allow action. Identity headers are refused unless this is the trusted
+// frontend's listener.
+func (s *Server) authorize(r *http.Request, action string) (keystore.Caller, error) {
+	if !s.trusted && (r.Header.Get(headerDomain) != "" || r.Header.Get(headerProject) != "") {
+		return keystore.Caller{}, &authError{"identity headers are accepted only from a trusted frontend"}
+	}
 	id, err := s.auth.Authenticate(r)
 	if err != nil {
 		return keystore.Caller{}, err
@@ -168,7 +205,19 @@ func (s *Server) authorize(r *http.Request) (keystore.Caller, error) {
 	if !id.MayUseProject(project) {
 		return who, errProjectDenied
 	}
+	if !id.MayDo(action) {
+		return who, errActionDenied.with("the credential's roles do not allow " + action)
+	}
 	return who, nil
+}
+
+type replayGuardKey struct{}
+
+// replayGuarded reports whether the request's route changes state, so that a signature
+// may be accepted only once.
+func replayGuarded(ctx context.Context) bool {
+	v, _ := ctx.Value(replayGuardKey{}).(bool)
+	return v
 }
 
 // unmatched answers paths no route serves: 405 with Allow if other methods would, else
