@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/pkcs11"
@@ -61,6 +62,7 @@ type Cluster struct {
 	cert     *x509.Certificate
 	handles  handleCache
 
+	closed    atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -98,6 +100,7 @@ func OpenCluster(ctx context.Context, cfg ClusterConfig) (_ *Cluster, err error)
 		if c.cert, err = c.loadIdentityCert(ctx, cfg); err != nil {
 			_ = c.pool.Close(ctx)
 			_ = c.api.CloseSession(c.anchor)
+			c.mod.logout(c.token.Serial)
 			return nil, err
 		}
 	}
@@ -168,10 +171,7 @@ func (c *Cluster) login(pin string) (pkcs11.SessionHandle, error) {
 	if err != nil {
 		return 0, opErr(c.id, "C_OpenSession", err)
 	}
-	err = c.api.Login(h, pkcs11.CKU_USER, pin)
-	if errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
-		err = nil // login is per application and token: another session of ours holds it
-	}
+	err = c.mod.login(c.token.Serial, pin, func() error { return c.api.Login(h, pkcs11.CKU_USER, pin) })
 	if err == nil {
 		return h, nil
 	}
@@ -239,6 +239,9 @@ func (c *Cluster) CurrentToken(ctx context.Context) (TokenInfo, error) {
 	if err := ctx.Err(); err != nil {
 		return TokenInfo{}, err
 	}
+	if c.closed.Load() {
+		return TokenInfo{}, fmt.Errorf("cluster %s: %w", c.id, ErrClosed)
+	}
 	ti, err := c.api.GetTokenInfo(c.slot)
 	if err != nil {
 		return TokenInfo{}, opErr(c.id, "C_GetTokenInfo", err)
@@ -250,6 +253,7 @@ func (c *Cluster) CurrentToken(ctx context.Context) (TokenInfo, error) {
 // session, then drops the module, finalizing it if no other cluster uses it.
 func (c *Cluster) Close(ctx context.Context) error {
 	c.closeOnce.Do(func() {
+		c.closed.Store(true)
 		perr := c.pool.Close(ctx)
 		if perr != nil {
 			// Sessions are still lent out: finalizing now would pull the module from under
@@ -258,6 +262,7 @@ func (c *Cluster) Close(ctx context.Context) error {
 			return
 		}
 		aerr := opErr(c.id, "C_CloseSession", c.api.CloseSession(c.anchor))
+		c.mod.logout(c.token.Serial)
 		c.closeErr = errors.Join(aerr, c.mod.drop())
 	})
 	return c.closeErr

@@ -1,6 +1,8 @@
 package hsm
 
 import (
+	"crypto/sha256"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -22,6 +24,54 @@ type module struct {
 	serialise bool
 	callMu    sync.Mutex // held around each call when serialise is set
 	refs      int
+
+	loginMu sync.Mutex
+	logins  map[string]*tokenLogin // by token serial: the login our anchors share
+}
+
+// tokenLogin is a token's user login, shared by every cluster of the process on the token
+// (PKCS#11 login state is per application and token). Only the PIN's SHA-256 is kept.
+type tokenLogin struct {
+	pin  [sha256.Size]byte
+	refs int
+}
+
+// login logs the token in with pin through do, unless a cluster of ours already has: then
+// the PIN must be the one that did, or the token would be used without its PIN.
+func (m *module) login(serial, pin string, do func() error) error {
+	sum := sha256.Sum256([]byte(pin))
+	m.loginMu.Lock()
+	defer m.loginMu.Unlock()
+	if l := m.logins[serial]; l != nil {
+		if subtle.ConstantTimeCompare(l.pin[:], sum[:]) != 1 {
+			return pkcs11.Error(pkcs11.CKR_PIN_INCORRECT)
+		}
+		l.refs++
+		return nil
+	}
+	err := do()
+	if errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
+		err = nil // logged in by something of ours that is not a cluster
+	}
+	if err != nil {
+		return err
+	}
+	if m.logins == nil {
+		m.logins = map[string]*tokenLogin{}
+	}
+	m.logins[serial] = &tokenLogin{pin: sum, refs: 1}
+	return nil
+}
+
+// logout forgets one cluster's share of the token's login.
+func (m *module) logout(serial string) {
+	m.loginMu.Lock()
+	defer m.loginMu.Unlock()
+	if l := m.logins[serial]; l != nil {
+		if l.refs--; l.refs <= 0 {
+			delete(m.logins, serial)
+		}
+	}
 }
 
 var modules = struct {

@@ -96,7 +96,7 @@ func Do[T any](ctx context.Context, p *Pool, fn func(*Session) (T, error)) (res 
 	return res, err
 }
 
-func (p *Pool) acquire(ctx context.Context) (*Session, error) {
+func (p *Pool) acquire(ctx context.Context) (s *Session, err error) {
 	select {
 	case p.permits <- struct{}{}:
 		if p.onWait != nil {
@@ -107,12 +107,12 @@ func (p *Pool) acquire(ctx context.Context) (*Session, error) {
 			return nil, err
 		}
 	}
-	s, err := p.take()
-	if err != nil {
-		<-p.permits
-		return nil, err
-	}
-	return s, nil
+	defer func() {
+		if s == nil { // take failed or panicked: give the permit back
+			<-p.permits
+		}
+	}()
+	return p.take()
 }
 
 // wait blocks for a permit until ctx ends or the pool closes.
@@ -154,13 +154,19 @@ func (p *Pool) take() (*Session, error) {
 	}
 	p.open++ // counted before the call so Stats never shows more in use than open
 	p.mu.Unlock()
+	opened := false
+	defer func() {
+		if !opened { // OpenSession failed or panicked
+			p.mu.Lock()
+			p.open--
+			p.mu.Unlock()
+		}
+	}()
 	h, err := p.api.OpenSession(p.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
-		p.mu.Lock()
-		p.open--
-		p.mu.Unlock()
 		return nil, opErr(p.cluster, "C_OpenSession", err)
 	}
+	opened = true
 	return &Session{api: p.api, cluster: p.cluster, h: h}, nil
 }
 

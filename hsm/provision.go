@@ -9,6 +9,7 @@ import (
 	"encoding/asn1"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/miekg/pkcs11"
 )
@@ -17,9 +18,14 @@ import (
 // cluster, with PKCS#11 calls alone (no softhsm2-util). Production tokens are provisioned
 // with the vendor's tools; nothing here runs in `serve`.
 
+// initMu serialises InitToken: two calls must not pick the same free slot.
+var initMu sync.Mutex
+
 // InitToken initialises the module's first uninitialised token as a new token with label,
-// sets its SO and user PINs, and returns its serial number.
+// sets its SO and user PINs, and returns its serial number. Safe for concurrent use.
 func InitToken(modulePath, label, soPIN, userPIN string) (serial string, err error) {
+	initMu.Lock()
+	defer initMu.Unlock()
 	mod, err := openModule(modulePath)
 	if err != nil {
 		return "", err
