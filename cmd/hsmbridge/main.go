@@ -2,6 +2,7 @@
 //
 //	hsmbridge serve --config FILE      run the daemon
 //	hsmbridge dev init --dir DIR       make a SoftHSM development environment in DIR
+//	hsmbridge token issue --dir DIR    print a signed X-Auth-Token from DIR's dev issuer
 //	hsmbridge version                  print the version
 package main
 
@@ -34,6 +35,7 @@ func main() {
 const usage = `usage:
   hsmbridge serve --config FILE
   hsmbridge dev init --dir DIR [--listen ADDR]
+  hsmbridge token issue --dir DIR [--roles R1,R2] [--ttl 1h] [--sub NAME]
   hsmbridge version`
 
 // run is the whole program; only main exits. ctx ends on SIGTERM or SIGINT.
@@ -69,6 +71,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return errors.New("dev init: --dir is required")
 		}
 		return devInit(ctx, *dir, *listen, stdout)
+	case "token":
+		if len(rest) == 0 || rest[0] != "issue" {
+			return errors.New("token: the only subcommand is 'token issue'")
+		}
+		return tokenIssue(rest[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "hsmbridge", version)
 		return nil

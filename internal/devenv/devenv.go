@@ -193,10 +193,17 @@ type Env struct {
 	CA         *CA
 	Tokens     []*Token
 
-	// The tenant the dev token authenticates as.
-	AuthToken string
+	// The tenant the dev credentials authenticate as.
+	AuthToken string // X-Auth-Token of the token file
+	AccessKey string // AK/SK of the credentials file
+	SecretKey string
 	DomainID  string
 	ProjectID string
+
+	// The dev token issuer: its signing key (kept in issuer-key.pem) and key id; its public
+	// key is in jwks.json.
+	IssuerKey crypto.Signer
+	IssuerKID string
 
 	// Listen is the daemon's listen address in the config.
 	Listen string
@@ -238,6 +245,16 @@ func Create(ctx context.Context, o Options) (*Env, error) {
 		Dir: o.Dir, Module: o.Module, CA: ca, Listen: o.Listen,
 		ConfigPath: filepath.Join(o.Dir, "config.yaml"), PINPath: filepath.Join(o.Dir, "pin"),
 		AuthToken: RandomHex(24), DomainID: RandomHex(16), ProjectID: RandomHex(16),
+		AccessKey: strings.ToUpper(RandomHex(10)), SecretKey: RandomHex(20),
+	}
+	issuer, jwks, kid, err := api.GenerateIssuerKey()
+	if err != nil {
+		return nil, err
+	}
+	e.IssuerKey, e.IssuerKID = issuer, kid
+	issuerDER, err := x509.MarshalPKCS8PrivateKey(issuer)
+	if err != nil {
+		return nil, err
 	}
 	pin, soPIN := RandomHex(8), RandomHex(8)
 	for _, id := range o.Clusters {
@@ -261,6 +278,10 @@ func Create(ctx context.Context, o Options) (*Env, error) {
 		{"ca.key", string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}))},
 		{"auth-token", e.AuthToken + "\n"},
 		{"tokens.yaml", e.tokenFile()},
+		{"aksk.yaml", e.akskFile()},
+		{"jwks.json", string(jwks)},
+		{"issuer-key.pem", string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: issuerDER}))},
+		{"issuer-kid", kid + "\n"},
 		{"env", e.shellEnv()},
 	}
 	for _, f := range files {
@@ -276,15 +297,28 @@ func (e *Env) tokenFile() string {
 	return fmt.Sprintf("tokens:\n  - name: dev\n    token_sha256: %s\n    domain_id: %s\n    project_ids: [%s]\n", sum, e.DomainID, e.ProjectID)
 }
 
+func (e *Env) akskFile() string {
+	return fmt.Sprintf("credentials:\n  - name: dev\n    domain_id: %s\n    project_ids: [%s]\n    enabled: true\n    keys:\n      - access_key: %s\n        secret_key: %s\n",
+		e.DomainID, e.ProjectID, e.AccessKey, e.SecretKey)
+}
+
 func (e *Env) shellEnv() string {
 	conf := os.Getenv("SOFTHSM2_CONF")
-	return fmt.Sprintf("export SOFTHSM2_CONF=%s\nexport HSMBRIDGE_TOKEN=%s\nexport HSMBRIDGE_PROJECT=%s\n", conf, e.AuthToken, e.ProjectID)
+	return fmt.Sprintf("export SOFTHSM2_CONF=%s\nexport HSMBRIDGE_TOKEN=%s\nexport HSMBRIDGE_DOMAIN=%s\nexport HSMBRIDGE_PROJECT=%s\nexport HSMBRIDGE_AK=%s\nexport HSMBRIDGE_SK=%s\n",
+		conf, e.AuthToken, e.DomainID, e.ProjectID, e.AccessKey, e.SecretKey)
 }
+
+// Dev token issuer names, in the config and in tokens that `hsmbridge token issue` makes.
+const (
+	DevIssuer   = "hsmbridge-dev"
+	DevAudience = "hsmbridge"
+)
 
 // WriteConfig (re)writes the daemon configuration from the environment's fields.
 func (e *Env) WriteConfig() error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "listen: %q\nregion: local-1\nstore:\n  driver: sqlite\n  path: hsmbridge.db\nauth:\n  token_file: tokens.yaml\nclusters:\n", e.Listen)
+	fmt.Fprintf(&b, "listen: %q\nregion: local-1\nstore:\n  driver: sqlite\n  path: hsmbridge.db\n", e.Listen)
+	fmt.Fprintf(&b, "auth:\n  token_file: tokens.yaml\n  aksk_file: aksk.yaml\n  jwt: {jwks_file: jwks.json, issuer: %s, audience: %s}\nclusters:\n", DevIssuer, DevAudience)
 	for _, t := range e.Tokens {
 		fmt.Fprintf(&b, "  - id: %s\n    type: DHSM\n    module: %s\n    token: {serial: %q, label: %q}\n    pin: {file: pin}\n    pool_size: 4\n", t.ClusterID, e.Module, t.Serial, t.Label)
 		if t.CertFile != "" {
