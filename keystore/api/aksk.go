@@ -85,10 +85,11 @@ func AKSKFailureReasons() []string {
 // signatures in constant time. It also refuses a signature it has already accepted within
 // that window (a replay), and locks an access key for 5 minutes after 5 consecutive bad
 // signatures. Replays are refused on the calls that change state (the route says so; see
-// replayGuarded): X-Sdk-Date has one-second resolution and the SDK adds no nonce, so two
-// identical reads or data-plane calls in one second carry the same signature, and refusing
-// those would break honest clients while a replayed read or sign gains an eavesdropper
-// nothing it has not already seen.
+// replayGuarded), and a signature counts as used only once its call succeeded: X-Sdk-Date
+// has one-second resolution and the SDK adds no nonce, so an honest client's identical
+// reads, data-plane calls, or retry of a refused call within one second carry the same
+// signature. Refusing those would break honest clients, while a replayed read or sign
+// gains an eavesdropper nothing it has not already seen.
 //
 // An AKSK is safe for concurrent use. Make one with LoadAKSK; set Now and OnFailure before
 // the first Authenticate.
@@ -405,8 +406,12 @@ func (a *AKSK) Authenticate(r *http.Request) (Identity, error) {
 	if !key.enabled {
 		return Identity{}, a.fail(reasonDisabled, "the access key's credential is disabled")
 	}
-	if replayGuarded(r.Context()) && !a.firstUse(auth.signature, date.Add(akskSkew), now) {
-		return Identity{}, a.fail(reasonReplay, "the request was already received (replay); sign each request anew")
+	if hold := replayGuarded(r.Context()); hold != nil {
+		if !a.firstUse(auth.signature, date.Add(akskSkew), now) {
+			return Identity{}, a.fail(reasonReplay, "the request was already received (replay); sign each request anew")
+		}
+		sig := [32]byte(auth.signature)
+		hold.release = func() { a.forget(sig) }
 	}
 	return key.id, nil
 }
@@ -466,6 +471,14 @@ func (a *AKSK) firstUse(sig []byte, expiry, now time.Time) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.seen.add([32]byte(sig), expiry.Unix(), now.Unix())
+}
+
+// forget drops sig from the replay set: the call it signed failed, so a retry of it is
+// not a replay of anything that took effect.
+func (a *AKSK) forget(sig [32]byte) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.seen.expiry, sig)
 }
 
 // readBody reads the whole body, at most maxBody bytes, and puts it back for the handler.

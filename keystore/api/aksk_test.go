@@ -433,7 +433,19 @@ func TestAKSK_ClockSkewBoundary(t *testing.T) {
 
 // guarded marks r as a call that changes state, as apiCall does for mutating routes.
 func guarded(r *http.Request) *http.Request {
-	return r.WithContext(context.WithValue(r.Context(), replayGuardKey{}, true))
+	return r.WithContext(context.WithValue(r.Context(), replayGuardKey{}, &replayHold{}))
+}
+
+func TestAKSK_ReplayAllowedAfterFailedCall(t *testing.T) {
+	a, _, _, _ := newTestAKSK(t, testCreds, testNow)
+	r := guarded(signedTestRequest(testBody, oldAK, oldSK, testNow))
+	if _, err := a.Authenticate(r); err != nil {
+		t.Fatal(err)
+	}
+	replayGuarded(r.Context()).release() // the call failed
+	if _, err := a.Authenticate(guarded(signedTestRequest(testBody, oldAK, oldSK, testNow))); err != nil {
+		t.Errorf("retry of a failed call: %v", err)
+	}
 }
 
 func TestAKSK_ReplayRefused(t *testing.T) {

@@ -152,8 +152,10 @@ func (s *Server) apiCall(rt route) http.Handler {
 		start := time.Now()
 		note := &auditNote{keystore: r.PathValue("keystore_id")}
 		ctx := context.WithValue(r.Context(), auditKey{}, note)
+		var hold *replayHold
 		if rt.mutating {
-			ctx = context.WithValue(ctx, replayGuardKey{}, true)
+			hold = &replayHold{}
+			ctx = context.WithValue(ctx, replayGuardKey{}, hold)
 		}
 		ctx, cancel := context.WithTimeout(ctx, s.timeout)
 		defer cancel()
@@ -166,6 +168,9 @@ func (s *Server) apiCall(rt route) http.Handler {
 		if err != nil {
 			writeError(w, r, s.log, err)
 			code = errorCode(err)
+			if hold != nil && hold.release != nil {
+				hold.release()
+			}
 		}
 		s.log.InfoContext(ctx, "audit", "request_id", requestID(ctx), "route", r.Pattern,
 			"who", who.Name, "domain", who.DomainID, "project", r.PathValue("project_id"),
@@ -213,11 +218,15 @@ func (s *Server) authorize(r *http.Request, action string) (keystore.Caller, err
 
 type replayGuardKey struct{}
 
-// replayGuarded reports whether the request's route changes state, so that a signature
-// may be accepted only once.
-func replayGuarded(ctx context.Context) bool {
-	v, _ := ctx.Value(replayGuardKey{}).(bool)
-	return v
+// replayHold is set on requests whose route changes state: their signature may be used for
+// one successful call. The authenticator that reserved the signature leaves release, which
+// apiCall runs when the call fails.
+type replayHold struct{ release func() }
+
+// replayGuarded returns the request's hold, or nil on routes that change nothing.
+func replayGuarded(ctx context.Context) *replayHold {
+	h, _ := ctx.Value(replayGuardKey{}).(*replayHold)
+	return h
 }
 
 // unmatched answers paths no route serves: 405 with Allow if other methods would, else

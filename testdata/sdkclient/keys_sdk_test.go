@@ -18,7 +18,7 @@ import (
 // ValidateSignature, and checks the signature independently against ShowPublicKey's key.
 func TestKeys_SDK(t *testing.T) {
 	d := startDaemon(t)
-	c := newClient(t, d, d.token)
+	c := newAKSKClient(t, d, d.ak, d.sk)
 	ks := c.create(t, d, "sdk-keys-01", "dhsm-cluster-1")
 	_, err := c.EnableKeyStore(&model.EnableKeyStoreRequest{KeystoreId: ks})
 	c.ok(t, "EnableKeyStore", err)

@@ -112,6 +112,7 @@ type daemon struct {
 	dir      string // the dev init directory
 	project  string
 	token    string
+	ak, sk   string // the dev AK/SK credential
 	domain   string
 	caPEM    string
 	stderr   *syncBuffer
@@ -205,7 +206,7 @@ func startDaemon(t *testing.T) *daemon {
 	}
 
 	env := readEnvFile(t, filepath.Join(dir, "env"))
-	for _, k := range []string{"SOFTHSM2_CONF", "HSMBRIDGE_TOKEN", "HSMBRIDGE_PROJECT"} {
+	for _, k := range []string{"SOFTHSM2_CONF", "HSMBRIDGE_TOKEN", "HSMBRIDGE_PROJECT", "HSMBRIDGE_AK", "HSMBRIDGE_SK"} {
 		if env[k] == "" {
 			t.Fatalf("%s/env has no %s: %v", dir, k, env)
 		}
@@ -219,6 +220,8 @@ func startDaemon(t *testing.T) *daemon {
 		dir:      dir,
 		project:  env["HSMBRIDGE_PROJECT"],
 		token:    env["HSMBRIDGE_TOKEN"],
+		ak:       env["HSMBRIDGE_AK"],
+		sk:       env["HSMBRIDGE_SK"],
 		domain:   readDomainID(t, filepath.Join(dir, "tokens.yaml")),
 		caPEM:    string(ca),
 		stderr:   &syncBuffer{},
@@ -321,7 +324,10 @@ type tokenRoundTripper struct {
 
 func (rt *tokenRoundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	r := req.Clone(req.Context())
-	r.Header.Set("X-Auth-Token", rt.token)
+	if rt.token != "" { // token-only: the request is authenticated by the token alone
+		r.Header.Set("X-Auth-Token", rt.token)
+		r.Header.Del("Authorization")
+	}
 	resp, err := rt.next.RoundTrip(r)
 	if err != nil {
 		return resp, err
@@ -354,12 +360,24 @@ type sdkClient struct {
 }
 
 // newClient builds the client exactly as sdk-client.md §2 describes, with the
-// token added unsigned by a RoundTripper.
+// token added unsigned by a RoundTripper, and dummy AK/SK that sign nothing the daemon
+// checks (an X-Auth-Token request carries no Authorization header after the RoundTripper
+// strips it).
 func newClient(t *testing.T, d *daemon, token string) *sdkClient {
+	return buildClient(t, d, "dummy-ak-0000000000", "dummy-sk", token)
+}
+
+// newAKSKClient is the SDK as its users run it: an endpoint, an AK/SK and a project id,
+// nothing injected.
+func newAKSKClient(t *testing.T, d *daemon, ak, sk string) *sdkClient {
+	return buildClient(t, d, ak, sk, "")
+}
+
+func buildClient(t *testing.T, d *daemon, ak, sk, token string) *sdkClient {
 	t.Helper()
 	cred, err := basic.NewCredentialsBuilder().
-		WithAk("dummy-ak-0000000000").
-		WithSk("dummy-sk").
+		WithAk(ak).
+		WithSk(sk).
 		WithProjectId(d.project).
 		SafeBuild()
 	if err != nil {
@@ -465,7 +483,7 @@ func (c *sdkClient) create(t *testing.T, d *daemon, alias, cluster string) strin
 
 func TestKeystoreLifecycle_SDK(t *testing.T) {
 	d := startDaemon(t)
-	c := newClient(t, d, d.token)
+	c := newAKSKClient(t, d, d.ak, d.sk)
 	const alias = "sdk-lifecycle-01"
 
 	start := time.Now()
@@ -549,8 +567,14 @@ func TestKeystoreLifecycle_SDK(t *testing.T) {
 		t.Errorf("ListKeyStores after delete: total = %v, want 0\n  last exchange: %s", list.Total, c.rt.lastExchange())
 	}
 
-	// The cluster is free again; the alias too.
-	id2 := c.create(t, d, alias, cluster1)
+	// The cluster is free again; the alias too. A byte-identical create within the second
+	// of the first would be refused as a replay of a call that succeeded (the SDK's
+	// X-Sdk-Date has one-second resolution), so this one differs in its keystore_type.
+	req := createReq(alias, cluster1, d.caPEM)
+	req.Body.KeystoreType = nil
+	resp, err := c.CreateKeyStore(req)
+	c.ok(t, "CreateKeyStore (again)", err)
+	id2 := str(resp.Keystore.KeystoreId)
 	if id2 == id {
 		t.Errorf("re-created keystore reuses the deleted id %s", id)
 	}
@@ -581,6 +605,18 @@ func TestKeystoreErrors_SDK(t *testing.T) {
 	t.Run("unknown keystore", func(t *testing.T) {
 		_, err := c.ShowKeyStore(&model.ShowKeyStoreRequest{KeystoreId: "00000000-0000-0000-0000-000000000000"})
 		c.wantError(t, "ShowKeyStore (unknown id)", err, 400, "KMS.8003")
+	})
+
+	t.Run("wrong secret key", func(t *testing.T) {
+		bad := newAKSKClient(t, d, d.ak, "not-the-secret-key")
+		_, err := bad.ListKeyStores(&model.ListKeyStoresRequest{Limit: ptr(int32(10)), Offset: ptr(int32(0))})
+		bad.wantError(t, "ListKeyStores (wrong SK)", err, 401, "APIGW.0301")
+	})
+
+	t.Run("token instead of AK/SK", func(t *testing.T) {
+		tc := newClient(t, d, d.token)
+		_, err := tc.ListKeyStores(&model.ListKeyStoresRequest{Limit: ptr(int32(10)), Offset: ptr(int32(0))})
+		tc.ok(t, "ListKeyStores (X-Auth-Token)", err)
 	})
 
 	t.Run("wrong token", func(t *testing.T) {
