@@ -143,7 +143,9 @@ func (s *Service) bind(ctx context.Context, cl Cluster, row store.Keystore, ca *
 // already be gone: it serves a failed create, a delete, and the repair of both.
 func (s *Service) unbind(ctx context.Context, cl Cluster, id string) error {
 	s.keystores.drop(id)
-	if err := s.store.DeleteKeystore(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
+	err := s.store.DeleteKeystore(ctx, id)
+	s.keystores.drop(id)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		return err
 	}
 	return cl.DestroyData(ctx, markerLabel(id))

@@ -115,6 +115,8 @@ func (s *Service) CreateKey(ctx context.Context, who Caller, req CreateKeyReques
 			return store.Key{}, newError(KindInvalidSequence, "sequence %q is already in use", req.Sequence)
 		case errors.Is(err, store.ErrNotFound):
 			return store.Key{}, newError(KindKeystoreNotFound, "keystore %s does not exist", req.KeystoreID)
+		case errors.Is(err, store.ErrStateConflict):
+			return store.Key{}, newError(KindKeystoreDisabled, "keystore %s is disabled", req.KeystoreID)
 		}
 		return store.Key{}, &Error{Kind: KindInternal, Msg: "create key: store failed", Err: err}
 	}
@@ -169,7 +171,9 @@ func (s *Service) removeKey(ctx context.Context, cl Cluster, id string) error {
 	if err := cl.DestroyKey(ctx, id); err != nil {
 		return err
 	}
-	if err := s.store.DeleteKey(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
+	err := s.store.DeleteKey(ctx, id)
+	s.keys.drop(id)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		return err
 	}
 	return nil
@@ -261,6 +265,7 @@ func (s *Service) callerKey(ctx context.Context, who Caller, id string) (store.K
 	}
 	k, ok := s.keys.get(id)
 	if !ok {
+		ver := s.keys.version(id)
 		var err error
 		k, err = s.store.GetKey(ctx, id)
 		switch {
@@ -270,7 +275,7 @@ func (s *Service) callerKey(ctx context.Context, who Caller, id string) (store.K
 			return store.Key{}, &Error{Kind: KindInternal, Msg: "get key: store failed", Err: err}
 		}
 		if k.State != store.KeyCreating {
-			s.keys.put(id, k)
+			s.keys.putIf(id, k, ver)
 		}
 	}
 	if k.DomainID != who.DomainID || k.State == store.KeyCreating {
@@ -336,6 +341,7 @@ func (s *Service) keyTransition(ctx context.Context, who Caller, id string, from
 	now := s.now()
 	s.keys.drop(id)
 	err = s.store.SetKeyState(ctx, id, from, to, now, deletionAt)
+	s.keys.drop(id)
 	switch {
 	case errors.Is(err, store.ErrStateConflict):
 		return store.Key{}, newError(KindKeyStateConflict, "key %s changed state meanwhile; read it again", id)

@@ -83,9 +83,10 @@ func (s *Service) keystoreRow(ctx context.Context, id string) (store.Keystore, e
 	if k, ok := s.keystores.get(id); ok {
 		return k, nil
 	}
+	ver := s.keystores.version(id)
 	k, err := s.store.GetKeystore(ctx, id)
 	if err == nil && (k.State == store.StateEnabled || k.State == store.StateDisabled) {
-		s.keystores.put(id, k)
+		s.keystores.putIf(id, k, ver)
 	}
 	return k, err
 }
@@ -122,6 +123,7 @@ func (s *Service) DisableKeystore(ctx context.Context, who Caller, id string) (s
 func (s *Service) transition(ctx context.Context, k store.Keystore, from, to store.State) (string, error) {
 	s.keystores.drop(k.ID)
 	err := s.store.SetKeystoreState(ctx, k.ID, from, to, s.now())
+	s.keystores.drop(k.ID)
 	switch {
 	case errors.Is(err, store.ErrStateConflict):
 		return "", newError(KindStateConflict, "keystore %s changed state meanwhile; read it again", k.ID)
@@ -169,6 +171,18 @@ func (s *Service) checkBinding(ctx context.Context, k store.Keystore) error {
 	return newError(KindTokenMismatch, "the token of HSM cluster %s does not hold this keystore's binding marker (was it re-initialised?)", cl.ID())
 }
 
+// deleteRefused answers a delete whose last step failed. Keys that still name the keystore
+// (the store's foreign key says so) put it back to DISABLED: nothing was removed.
+func (s *Service) deleteRefused(ctx context.Context, id string, err error) error {
+	if !errors.Is(err, store.ErrKeystoreHasKeys) {
+		return hsmError("delete keystore", err)
+	}
+	if berr := s.store.SetKeystoreState(ctx, id, store.StateDeleting, store.StateDisabled, s.now()); berr != nil {
+		s.log.Error("delete keystore: could not return it to DISABLED; start-up repair will", "keystore", id, "err", berr)
+	}
+	return newError(KindStateConflict, "keystore %s still holds keys; delete them first", id)
+}
+
 // DeleteKeystore removes a DISABLED keystore: its marker from the token, then its row, so
 // the cluster can be bound again. The row is DELETING in between; a crash there is finished
 // at start-up, and a repeated delete finishes it too.
@@ -200,16 +214,14 @@ func (s *Service) DeleteKeystore(ctx context.Context, who Caller, id string) err
 		// The token is out of reach; its marker becomes an orphan the next time the cluster
 		// is configured, and start-up repair removes it then.
 		s.log.Warn("delete keystore: cluster not configured, marker left on its token", "keystore", id, "cluster", k.ClusterID)
-		if err := s.store.DeleteKeystore(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
-			return &Error{Kind: KindInternal, Msg: "delete keystore: store failed", Err: err}
+		err := s.store.DeleteKeystore(ctx, id)
+		if err == nil || errors.Is(err, store.ErrNotFound) {
+			return nil
 		}
-		return nil
+		return s.deleteRefused(ctx, id, err)
 	}
 	if err := s.unbind(ctx, cl, id); err != nil {
-		if errors.Is(err, store.ErrKeystoreHasKeys) { // a key created meanwhile
-			return newError(KindStateConflict, "keystore %s still holds keys; delete them first", id)
-		}
-		return hsmError("delete keystore", err)
+		return s.deleteRefused(ctx, id, err)
 	}
 	s.setMismatched(id, false)
 	return nil

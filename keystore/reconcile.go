@@ -52,7 +52,15 @@ func (s *Service) Reconcile(ctx context.Context) error {
 			switch r.State {
 			case store.StateCreating, store.StateDeleting:
 				if err := s.unbind(ctx, cl, r.ID); err != nil {
-					return fmt.Errorf("reconcile keystore %s: %w", r.ID, err)
+					if r.State != store.StateDeleting || !errors.Is(err, store.ErrKeystoreHasKeys) {
+						return fmt.Errorf("reconcile keystore %s: %w", r.ID, err)
+					}
+					// Keys still name it: the delete was refused in the end, so it stays.
+					if err := s.store.SetKeystoreState(ctx, r.ID, store.StateDeleting, store.StateDisabled, s.now()); err != nil {
+						return fmt.Errorf("reconcile keystore %s: %w", r.ID, err)
+					}
+					s.log.Warn("repair: a keystore left DELETING still holds keys; it is DISABLED again", "cluster", cl.ID(), "keystore", r.ID)
+					continue
 				}
 				s.log.Warn("repair: removed a half-done keystore", "cluster", cl.ID(), "keystore", r.ID, "state", string(r.State))
 			default:

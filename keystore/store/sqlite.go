@@ -240,11 +240,20 @@ const keyColumns = `id, domain_id, project_id, keystore_id, alias, spec, usage, 
 // CreateKey implements Store. As with CreateKeystore, only one sentinel is
 // returned when k breaks more than one constraint.
 func (s *SQLite) CreateKey(ctx context.Context, k Key) error {
-	_, err := s.db.ExecContext(ctx,
-		`INSERT INTO keys (`+keyColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+	// The insert happens only while the keystore is ENABLED, in the same statement, so a
+	// keystore being disabled or deleted meanwhile can never gain a key.
+	res, err := s.db.ExecContext(ctx,
+		`INSERT INTO keys (`+keyColumns+`) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+		 WHERE NOT EXISTS (SELECT 1 FROM keystores WHERE id = ? AND state <> ?)`,
 		k.ID, k.DomainID, k.ProjectID, k.KeystoreID, k.Alias, k.Spec, k.Usage, k.Description,
 		k.Origin, string(k.State), nullBytes(k.PublicKey), nullString(k.Sequence),
-		k.CreatedAt.UnixMilli(), k.UpdatedAt.UnixMilli(), nullMilli(k.DeletionAt))
+		k.CreatedAt.UnixMilli(), k.UpdatedAt.UnixMilli(), nullMilli(k.DeletionAt),
+		k.KeystoreID, string(StateEnabled))
+	if err == nil {
+		if n, rerr := res.RowsAffected(); rerr == nil && n == 0 {
+			return fmt.Errorf("store: create key %s: keystore %s is not enabled: %w", k.ID, k.KeystoreID, ErrStateConflict)
+		}
+	}
 	if err != nil {
 		if sentinel := sqliteUniqueViolation(err); sentinel != nil {
 			return fmt.Errorf("store: create key %s: %w", k.ID, sentinel)

@@ -121,7 +121,8 @@ type Store interface {
 
 	// CreateKey inserts k. ErrDuplicateAlias if (DomainID, Alias) is taken by another key
 	// (key aliases are their own namespace, separate from keystore aliases); ErrNotFound if
-	// KeystoreID names no keystore; ErrDuplicateID if ID is taken; ErrDuplicateSequence if
+	// KeystoreID names no keystore; ErrStateConflict if the keystore is not ENABLED (checked
+	// atomically with the insert); ErrDuplicateID if ID is taken; ErrDuplicateSequence if
 	// (DomainID, Sequence) is taken when Sequence != "".
 	CreateKey(ctx context.Context, k Key) error
 	// GetKey returns the key with id, or ErrNotFound.
