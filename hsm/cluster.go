@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
 	"encoding/pem"
@@ -35,8 +36,20 @@ type ClusterConfig struct {
 
 	// Interceptor, if set, stands around every PKCS#11 call of this cluster.
 	Interceptor Interceptor
-	// OnAcquireWait, if set, is told how long each acquisition that had to wait waited.
+	// OnAcquireWait, if set, is told how long each acquisition waited.
 	OnAcquireWait func(time.Duration)
+
+	// BreakerThreshold is how many device-class failures in a row open the breaker
+	// (default DefaultBreakerThreshold).
+	BreakerThreshold int
+	// StuckAfter is how long a call may hold a session before it counts as stuck
+	// (default DefaultStuckAfter). PKCS#11 calls cannot be cancelled; stuck ones are
+	// counted, and a cluster whose sessions are all stuck refuses work.
+	StuckAfter time.Duration
+	// OnHealthChange, if set, is told each change of the cluster's health, once.
+	OnHealthChange func(Health)
+	// OnRecoverError, if set, is told why an attempt to recover failed.
+	OnRecoverError func(error)
 }
 
 // TokenInfo identifies the token a cluster is on.
@@ -50,18 +63,32 @@ type TokenInfo struct {
 // Cluster is one configured HSM cluster: a token on a module, logged in once through an
 // anchor session, with a pool of worker sessions. Safe for concurrent use.
 type Cluster struct {
-	id     string
-	mod    *module
-	api    PKCS11
+	id    string
+	mod   *module
+	api   PKCS11
+	token TokenInfo
+
+	// What recovery needs to find and log in to the token again. The PIN stays in memory
+	// for that and for re-login; it is never printed.
+	serial, label, pin string
+
+	mu     sync.RWMutex // guards slot, anchor and pool, which recovery replaces
 	slot   uint
-	token  TokenInfo
 	anchor pkcs11.SessionHandle
 	pool   *Pool
 
-	keyLabel string
-	cert     *x509.Certificate
-	handles  handleCache
+	keyLabel   string
+	cert       *x509.Certificate
+	handles    handleCache
+	oaepOnHost atomic.Bool // the token refuses OAEP with SHA-256: decode on the host
 
+	health           health
+	breakerThreshold int
+	stuckAfter       time.Duration
+	onHealth         func(Health)
+	onRecoverError   func(error)
+
+	done      chan struct{} // closed by Close: recovery stops
 	closed    atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
@@ -78,7 +105,15 @@ func OpenCluster(ctx context.Context, cfg ClusterConfig) (_ *Cluster, err error)
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", cfg.ID, err)
 	}
-	c := &Cluster{id: cfg.ID, mod: mod, api: Intercept(mod.api(), cfg.Interceptor), keyLabel: cfg.IdentityKeyLabel}
+	c := &Cluster{
+		id: cfg.ID, mod: mod, api: Intercept(mod.api(), cfg.Interceptor), keyLabel: cfg.IdentityKeyLabel,
+		serial: cfg.TokenSerial, label: cfg.TokenLabel, pin: cfg.PIN,
+		breakerThreshold: cmp.Or(cfg.BreakerThreshold, DefaultBreakerThreshold),
+		stuckAfter:       cmp.Or(cfg.StuckAfter, DefaultStuckAfter),
+		onHealth:         cfg.OnHealthChange, onRecoverError: cfg.OnRecoverError,
+		done: make(chan struct{}),
+	}
+	c.health.h = Health{State: StateHealthy, Since: time.Now()}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, mod.drop())
@@ -95,7 +130,7 @@ func OpenCluster(ctx context.Context, cfg ClusterConfig) (_ *Cluster, err error)
 	if c.anchor, err = c.login(cfg.PIN); err != nil {
 		return nil, err
 	}
-	c.pool = newPool(c.api, c.id, c.slot, poolCap(cfg.PoolSize, ti.MaxRwSessionCount), cfg.OnAcquireWait)
+	c.pool = newPool(c.api, c.id, c.slot, poolCap(cfg.PoolSize, ti.MaxRwSessionCount), cfg.OnAcquireWait, c.stuckAfter)
 	if cfg.IdentityKeyLabel != "" {
 		if c.cert, err = c.loadIdentityCert(ctx, cfg); err != nil {
 			_ = c.pool.Close(ctx)
@@ -230,8 +265,15 @@ func (c *Cluster) Token() TokenInfo { return c.token }
 // IdentityCertificate returns the cluster's identity certificate, or nil if it has none.
 func (c *Cluster) IdentityCertificate() *x509.Certificate { return c.cert }
 
-// Stats returns a snapshot of the cluster's session pool.
-func (c *Cluster) Stats() PoolStats { return c.pool.Stats() }
+// Stats returns a snapshot of the cluster's session pool, with the cluster's re-login and
+// breaker counters.
+func (c *Cluster) Stats() PoolStats {
+	st := c.currentPool().Stats()
+	c.health.mu.Lock()
+	st.Relogins, st.BreakerOpens = c.health.relogins, c.health.opened
+	c.health.mu.Unlock()
+	return st
+}
 
 // CurrentToken reads the token in the cluster's slot again: a cheap call that tells whether
 // the cluster answers and whether the token is still the one it was opened on.
@@ -242,7 +284,10 @@ func (c *Cluster) CurrentToken(ctx context.Context) (TokenInfo, error) {
 	if c.closed.Load() {
 		return TokenInfo{}, fmt.Errorf("cluster %s: %w", c.id, ErrClosed)
 	}
-	ti, err := c.api.GetTokenInfo(c.slot)
+	c.mu.RLock()
+	slot := c.slot
+	c.mu.RUnlock()
+	ti, err := c.api.GetTokenInfo(slot)
 	if err != nil {
 		return TokenInfo{}, opErr(c.id, "C_GetTokenInfo", err)
 	}
@@ -254,14 +299,18 @@ func (c *Cluster) CurrentToken(ctx context.Context) (TokenInfo, error) {
 func (c *Cluster) Close(ctx context.Context) error {
 	c.closeOnce.Do(func() {
 		c.closed.Store(true)
-		perr := c.pool.Close(ctx)
+		close(c.done)
+		c.mu.Lock() // waits out a recovery in progress; then nothing replaces the pool
+		pool, anchor := c.pool, c.anchor
+		c.mu.Unlock()
+		perr := pool.Close(ctx)
 		if perr != nil {
 			// Sessions are still lent out: finalizing now would pull the module from under
 			// them. Leave the module loaded; the process is on its way out.
 			c.closeErr = perr
 			return
 		}
-		aerr := opErr(c.id, "C_CloseSession", c.api.CloseSession(c.anchor))
+		aerr := opErr(c.id, "C_CloseSession", c.api.CloseSession(anchor))
 		c.mod.logout(c.token.Serial)
 		c.closeErr = errors.Join(aerr, c.mod.drop())
 	})

@@ -31,7 +31,7 @@ func dataTemplate(label string) []*pkcs11.Attribute {
 // WriteData stores a private token object with label and value. It refuses to write a
 // second object under a label that is already taken.
 func (c *Cluster) WriteData(ctx context.Context, label string, value []byte) error {
-	err := c.pool.Do(ctx, func(s *Session) error {
+	err := exec(ctx, c, false, func(s *Session) error {
 		hs, err := s.find(dataTemplate(label), 1)
 		if err != nil {
 			return err
@@ -55,7 +55,7 @@ func (c *Cluster) WriteData(ctx context.Context, label string, value []byte) err
 
 // DataObjects returns every data object of ours on the token.
 func (c *Cluster) DataObjects(ctx context.Context) ([]DataObject, error) {
-	objs, err := Do(ctx, c.pool, func(s *Session) ([]DataObject, error) {
+	objs, err := run(ctx, c, true, func(s *Session) ([]DataObject, error) {
 		hs, err := s.find(dataTemplate(""), 0)
 		if err != nil {
 			return nil, err
@@ -79,7 +79,7 @@ func (c *Cluster) DataObjects(ctx context.Context) ([]DataObject, error) {
 // DestroyData removes every data object of ours with label. Removing one that is not there
 // is not an error: repair after a crash may run it twice.
 func (c *Cluster) DestroyData(ctx context.Context, label string) error {
-	err := c.pool.Do(ctx, func(s *Session) error {
+	err := exec(ctx, c, true, func(s *Session) error {
 		hs, err := s.find(dataTemplate(label), 0)
 		if err != nil {
 			return err

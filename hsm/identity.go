@@ -18,6 +18,14 @@ import (
 // verifies the signature with the certificate's public key. A certificate that merely chains
 // to the right CA proves nothing about the slot; this does.
 func (c *Cluster) ProveIdentity(ctx context.Context) error {
+	return c.proveIdentity(ctx, func(fn func(*Session) ([]byte, error)) ([]byte, error) {
+		return run(ctx, c, true, fn)
+	})
+}
+
+// proveIdentity signs through do: run for callers, the new pool directly for recovery,
+// while the breaker still refuses other work.
+func (c *Cluster) proveIdentity(ctx context.Context, do func(func(*Session) ([]byte, error)) ([]byte, error)) error {
 	if c.cert == nil {
 		return fmt.Errorf("cluster %s: %w: no identity configured", c.id, ErrIdentity)
 	}
@@ -36,7 +44,7 @@ func (c *Cluster) ProveIdentity(ctx context.Context) error {
 	default:
 		return fmt.Errorf("cluster %s: %w: identity key type %T not supported", c.id, ErrIdentity, c.cert.PublicKey)
 	}
-	sig, err := Do(ctx, c.pool, func(s *Session) ([]byte, error) {
+	sig, err := do(func(s *Session) ([]byte, error) {
 		key, err := s.findOne([]*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
 			pkcs11.NewAttribute(pkcs11.CKA_LABEL, c.keyLabel),

@@ -57,6 +57,13 @@ func (hc *handleCache) put(k handleKey, h pkcs11.ObjectHandle) {
 	hc.m[k] = h
 }
 
+// clear forgets every handle: after the module is re-initialised none is valid.
+func (hc *handleCache) clear() {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	clear(hc.m)
+}
+
 func (hc *handleCache) drop(id string) {
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
@@ -87,7 +94,7 @@ func (c *Cluster) keyHandle(s *Session, id string, class uint) (pkcs11.ObjectHan
 // withKey runs op on a pooled session with key id's handle. When the handle turns out stale
 // it is dropped from the cache, so the next call looks the key up afresh.
 func withKey[T any](ctx context.Context, c *Cluster, id string, class uint, op func(*Session, pkcs11.ObjectHandle) (T, error)) (T, error) {
-	return Do(ctx, c.pool, func(s *Session) (T, error) {
+	return run(ctx, c, true, func(s *Session) (T, error) {
 		var zero T
 		h, err := c.keyHandle(s, id, class)
 		if err != nil {
@@ -109,18 +116,23 @@ func keyTemplate(id string, extra ...*pkcs11.Attribute) []*pkcs11.Attribute {
 	}, extra...)
 }
 
+// privateTemplate is the template of secret and private keys. Every capability is set
+// explicitly: SoftHSM's defaults allow unwrap and derive, through which a key could be used
+// for what its usage forbids.
 func privateTemplate(id string, extra ...*pkcs11.Attribute) []*pkcs11.Attribute {
 	return keyTemplate(id, append([]*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
 	}, extra...)...)
 }
 
 // GenerateAES makes an AES key of bits on the token for encryption and decryption.
 // Key generation is never retried: a retry could leave two keys with one id.
 func (c *Cluster) GenerateAES(ctx context.Context, id string, bits int) error {
-	err := c.pool.Do(ctx, func(s *Session) error {
+	err := exec(ctx, c, false, func(s *Session) error {
 		_, err := s.api.GenerateKey(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)},
 			privateTemplate(id,
 				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
@@ -128,6 +140,9 @@ func (c *Cluster) GenerateAES(ctx context.Context, id string, bits int) error {
 				pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, bits/8),
 				pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
 				pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+				pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
+				pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
+				pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
 			))
 		return opErr(c.id, "C_GenerateKey", err)
 	})
@@ -174,14 +189,18 @@ func (c *Cluster) GenerateEC(ctx context.Context, id string, curve elliptic.Curv
 func (c *Cluster) generatePair(ctx context.Context, id string, mech uint, usage Usage, pubAttrs []*pkcs11.Attribute,
 	readPublic func(*Session, pkcs11.ObjectHandle) (crypto.PublicKey, error)) (crypto.PublicKey, error) {
 	sign, decrypt := usage&UsageSign != 0, usage&UsageDecrypt != 0
-	return Do(ctx, c.pool, func(s *Session) (crypto.PublicKey, error) {
+	return run(ctx, c, false, func(s *Session) (crypto.PublicKey, error) {
 		pubH, _, err := s.api.GenerateKeyPair(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)},
 			keyTemplate(id, append(pubAttrs,
 				pkcs11.NewAttribute(pkcs11.CKA_VERIFY, sign),
-				pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, decrypt))...),
+				pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, decrypt),
+				pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+				pkcs11.NewAttribute(pkcs11.CKA_VERIFY_RECOVER, false),
+				pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false))...),
 			privateTemplate(id,
 				pkcs11.NewAttribute(pkcs11.CKA_SIGN, sign),
-				pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, decrypt)))
+				pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, decrypt),
+				pkcs11.NewAttribute(pkcs11.CKA_SIGN_RECOVER, false)))
 		if err != nil {
 			return nil, opErr(c.id, "C_GenerateKeyPair", err)
 		}
@@ -217,7 +236,7 @@ func readECPublic(s *Session, h pkcs11.ObjectHandle, curve elliptic.Curve) (cryp
 // there is not an error: deletion may be repeated after a crash.
 func (c *Cluster) DestroyKey(ctx context.Context, id string) error {
 	c.handles.drop(id)
-	err := c.pool.Do(ctx, func(s *Session) error {
+	err := exec(ctx, c, true, func(s *Session) error {
 		hs, err := s.find([]*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(id))}, 0)
 		if err != nil {
 			return err
@@ -239,7 +258,7 @@ func (c *Cluster) DestroyKey(ctx context.Context, id string) error {
 // a key id as accepted by isKeyID. Start-up repair uses it to find orphans; it is linear in
 // the token's objects, so nothing on the request path calls it.
 func (c *Cluster) KeyIDs(ctx context.Context, isKeyID func(string) bool) ([]string, error) {
-	ids, err := Do(ctx, c.pool, func(s *Session) ([]string, error) {
+	ids, err := run(ctx, c, true, func(s *Session) ([]string, error) {
 		var ids []string
 		seen := map[string]bool{}
 		for _, class := range []uint{pkcs11.CKO_SECRET_KEY, pkcs11.CKO_PRIVATE_KEY, pkcs11.CKO_PUBLIC_KEY} {

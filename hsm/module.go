@@ -139,6 +139,22 @@ func (m *module) api() PKCS11 {
 	})
 }
 
+// reinitializeIfSole runs C_Finalize and C_Initialize when the caller's cluster is the
+// module's only user: a device that went away may need it, but finalizing would pull the
+// module from under every other cluster on it, so shared modules are left alone.
+func (m *module) reinitializeIfSole() error {
+	modules.Lock()
+	defer modules.Unlock()
+	if m.refs != 1 {
+		return nil
+	}
+	_ = m.ctx.Finalize() // a dead device may refuse; initialising again is what matters
+	m.loginMu.Lock()
+	clear(m.logins)
+	m.loginMu.Unlock()
+	return m.initialize()
+}
+
 // drop releases one reference; the last one finalizes the library. Callers must have closed
 // every session they opened on it first.
 func (m *module) drop() error {

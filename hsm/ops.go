@@ -123,15 +123,37 @@ func (c *Cluster) gcm(ctx context.Context, dir, id string, iv, aad, in []byte) (
 
 // DecryptOAEP decrypts an RSAES-OAEP ciphertext (SHA-256, MGF1-SHA-256, no label) with RSA
 // private key id. Encryption needs only the public key and happens on the host.
+//
+// Tokens that offer OAEP only with SHA-1 (SoftHSM 2.6 refuses SHA-256 parameters with
+// CKR_ARGUMENTS_BAD) get raw RSA on the token (CKM_RSA_X_509) and the OAEP decoding, in
+// constant time, on the host; the cluster remembers that and skips the refused attempt.
 func (c *Cluster) DecryptOAEP(ctx context.Context, id string, ciphertext []byte) ([]byte, error) {
 	out, err := withKey(ctx, c, id, pkcs11.CKO_PRIVATE_KEY, func(s *Session, key pkcs11.ObjectHandle) ([]byte, error) {
-		mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_OAEP,
-			pkcs11.NewOAEPParams(pkcs11.CKM_SHA256, pkcs11.CKG_MGF1_SHA256, pkcs11.CKZ_DATA_SPECIFIED, nil))}
-		if err := s.api.DecryptInit(s.h, mech, key); err != nil {
+		if !c.oaepOnHost.Load() {
+			mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_OAEP,
+				pkcs11.NewOAEPParams(pkcs11.CKM_SHA256, pkcs11.CKG_MGF1_SHA256, pkcs11.CKZ_DATA_SPECIFIED, nil))}
+			err := s.api.DecryptInit(s.h, mech, key)
+			if err == nil {
+				out, err := s.api.Decrypt(s.h, ciphertext)
+				return out, opErr(c.id, "C_Decrypt", err)
+			}
+			if code, ok := Code(err); !ok || (code != pkcs11.CKR_ARGUMENTS_BAD && code != pkcs11.CKR_MECHANISM_PARAM_INVALID && code != pkcs11.CKR_MECHANISM_INVALID) {
+				return nil, opErr(c.id, "C_DecryptInit", err)
+			}
+			c.oaepOnHost.Store(true)
+		}
+		if err := s.api.DecryptInit(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_X_509, nil)}, key); err != nil {
 			return nil, opErr(c.id, "C_DecryptInit", err)
 		}
-		out, err := s.api.Decrypt(s.h, ciphertext)
-		return out, opErr(c.id, "C_Decrypt", err)
+		em, err := s.api.Decrypt(s.h, ciphertext)
+		if err != nil {
+			return nil, opErr(c.id, "C_Decrypt", err)
+		}
+		pt, err := oaepSHA256Decode(em, len(ciphertext))
+		if err != nil {
+			return nil, &OpError{Cluster: c.id, Func: "C_Decrypt", Class: ClassCaller, Err: err}
+		}
+		return pt, nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: decrypt with key %s: %w", c.id, id, err)
@@ -141,7 +163,7 @@ func (c *Cluster) DecryptOAEP(ctx context.Context, id string, ciphertext []byte)
 
 // Random returns n bytes from the token's random number generator.
 func (c *Cluster) Random(ctx context.Context, n int) ([]byte, error) {
-	b, err := Do(ctx, c.pool, func(s *Session) ([]byte, error) { return s.GenerateRandom(n) })
+	b, err := run(ctx, c, true, func(s *Session) ([]byte, error) { return s.GenerateRandom(n) })
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: random: %w", c.id, err)
 	}

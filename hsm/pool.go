@@ -26,14 +26,18 @@ type Pool struct {
 	done    chan struct{} // closed by Close: waiters give up at once
 	waiters atomic.Int64
 	onWait  func(time.Duration) // told every acquisition's wait
+	// stuckAfter is how long a session may be held before its call counts as stuck.
+	stuckAfter time.Duration
 
 	mu        sync.Mutex
 	idle      []pkcs11.SessionHandle
 	open      int
 	closed    bool
+	lent      map[*Session]time.Time // sessions held by callers, since when
 	waitCount uint64
 	waitTotal time.Duration
 	evictions [numClasses]uint64
+	stuckLong uint64 // sessions given back after being held past the stuck threshold
 }
 
 // PoolStats is a snapshot of a pool, shaped like database/sql.DBStats.
@@ -45,18 +49,25 @@ type PoolStats struct {
 	Idle        int // worker sessions open and free now
 	Waiters     int // callers waiting for a session now
 
-	// Counters, cumulative since the pool was made.
+	Stuck int // sessions held in a call for longer than the stuck threshold, now
+
+	// Counters, cumulative since the pool was made (or, for the cluster's, since it opened).
 	WaitCount    uint64             // acquisitions that had to wait
 	WaitDuration time.Duration      // total time spent waiting
 	Evictions    [numClasses]uint64 // sessions closed after an error, by Class
+	StuckCalls   uint64             // calls that held a session past the stuck threshold
+	Relogins     uint64             // re-logins after CKR_USER_NOT_LOGGED_IN
+	BreakerOpens uint64             // times the cluster's breaker opened
 }
 
-func newPool(api PKCS11, cluster string, slot uint, size int, onWait func(time.Duration)) *Pool {
+func newPool(api PKCS11, cluster string, slot uint, size int, onWait func(time.Duration), stuckAfter time.Duration) *Pool {
 	return &Pool{
 		api: api, cluster: cluster, slot: slot, size: size,
-		permits: make(chan struct{}, size),
-		done:    make(chan struct{}),
-		onWait:  onWait,
+		permits:    make(chan struct{}, size),
+		done:       make(chan struct{}),
+		onWait:     onWait,
+		stuckAfter: stuckAfter,
+		lent:       map[*Session]time.Time{},
 	}
 }
 
@@ -149,8 +160,10 @@ func (p *Pool) take() (*Session, error) {
 	if n := len(p.idle); n > 0 {
 		h := p.idle[n-1]
 		p.idle = p.idle[:n-1]
+		s := &Session{api: p.api, cluster: p.cluster, h: h}
+		p.lent[s] = time.Now()
 		p.mu.Unlock()
-		return &Session{api: p.api, cluster: p.cluster, h: h}, nil
+		return s, nil
 	}
 	p.open++ // counted before the call so Stats never shows more in use than open
 	p.mu.Unlock()
@@ -167,7 +180,11 @@ func (p *Pool) take() (*Session, error) {
 		return nil, opErr(p.cluster, "C_OpenSession", err)
 	}
 	opened = true
-	return &Session{api: p.api, cluster: p.cluster, h: h}, nil
+	s := &Session{api: p.api, cluster: p.cluster, h: h}
+	p.mu.Lock()
+	p.lent[s] = time.Now()
+	p.mu.Unlock()
+	return s, nil
 }
 
 // release takes a session back. Like database/sql's putConn, the last error decides:
@@ -175,6 +192,10 @@ func (p *Pool) take() (*Session, error) {
 func (p *Pool) release(s *Session, class Class) {
 	evict := class == ClassSession || class == ClassDevice
 	p.mu.Lock()
+	if time.Since(p.lent[s]) > p.stuckAfter {
+		p.stuckLong++
+	}
+	delete(p.lent, s)
 	drop := evict || p.closed
 	if drop {
 		p.open--
@@ -201,10 +222,29 @@ func (p *Pool) Stats() PoolStats {
 		InUse:        p.open - len(p.idle),
 		Idle:         len(p.idle),
 		Waiters:      int(p.waiters.Load()),
+		Stuck:        p.stuckLocked(),
 		WaitCount:    p.waitCount,
 		WaitDuration: p.waitTotal,
 		Evictions:    p.evictions,
+		StuckCalls:   p.stuckLong,
 	}
+}
+
+// stuck counts the sessions held for longer than stuckAfter.
+func (p *Pool) stuck() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stuckLocked()
+}
+
+func (p *Pool) stuckLocked() int {
+	n := 0
+	for _, since := range p.lent {
+		if time.Since(since) > p.stuckAfter {
+			n++
+		}
+	}
+	return n
 }
 
 // Close stops lending sessions, waits (bounded by ctx) for the ones in use to come back,

@@ -114,7 +114,7 @@ func TestPool_NoLeakAfterPanicInOpenSession_FaultInjected(t *testing.T) {
 	var arm atomic.Bool
 	cl, _ := newCluster(t, poolSize(1), intercept(panicOnce("C_OpenSession", &arm, f.Interceptor())))
 	// Evict the idle worker left by loading the identity certificate, so the next call opens one.
-	f.Fail("C_FindObjectsInit", pkcs11.CKR_SESSION_HANDLE_INVALID, 1)
+	f.Fail("C_FindObjectsInit", pkcs11.CKR_SESSION_HANDLE_INVALID, 2) // the call and its one retry
 	if _, err := cl.DataObjects(t.Context()); classOf(t, err) != hsm.ClassSession {
 		t.Fatalf("faulted call: %v, want a session-class error", err)
 	}
@@ -215,20 +215,22 @@ func TestPool_SizeCap_FaultInjected(t *testing.T) {
 }
 
 // TestPool_ReleaseByClass_FaultInjected: the failed call's class decides the session's
-// fate. Session- and device-class errors evict it (counted by class; the next call opens a
-// fresh one); a caller-class error keeps it.
+// fate. Session- and device-class errors evict it (counted by class); a caller-class error
+// keeps it. A session-class failure of a read is retried once on a fresh session, so the
+// caller never sees it.
 func TestPool_ReleaseByClass_FaultInjected(t *testing.T) {
 	tests := []struct {
-		name  string
-		code  uint
-		class hsm.Class
-		evict bool
+		name    string
+		code    uint
+		class   hsm.Class
+		evict   bool
+		retried bool
 	}{
-		{"EvictsOnSessionHandleInvalid", pkcs11.CKR_SESSION_HANDLE_INVALID, hsm.ClassSession, true},
-		{"EvictsOnObjectHandleInvalid", pkcs11.CKR_OBJECT_HANDLE_INVALID, hsm.ClassSession, true},
-		{"EvictsOnDeviceError", pkcs11.CKR_DEVICE_ERROR, hsm.ClassDevice, true},
-		{"KeepsOnArgumentsBad", pkcs11.CKR_ARGUMENTS_BAD, hsm.ClassCaller, false},
-		{"KeepsOnDataInvalid", pkcs11.CKR_DATA_INVALID, hsm.ClassCaller, false},
+		{"EvictsAndRetriesOnSessionHandleInvalid", pkcs11.CKR_SESSION_HANDLE_INVALID, hsm.ClassSession, true, true},
+		{"EvictsAndRetriesOnObjectHandleInvalid", pkcs11.CKR_OBJECT_HANDLE_INVALID, hsm.ClassSession, true, true},
+		{"EvictsOnDeviceError", pkcs11.CKR_DEVICE_ERROR, hsm.ClassDevice, true, false},
+		{"KeepsOnArgumentsBad", pkcs11.CKR_ARGUMENTS_BAD, hsm.ClassCaller, false, false},
+		{"KeepsOnDataInvalid", pkcs11.CKR_DATA_INVALID, hsm.ClassCaller, false, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -242,17 +244,21 @@ func TestPool_ReleaseByClass_FaultInjected(t *testing.T) {
 
 			f.Fail("C_FindObjectsInit", tt.code, 1)
 			_, err := cl.DataObjects(t.Context())
-			if !errors.Is(err, pkcs11.Error(tt.code)) {
+			switch {
+			case tt.retried && err != nil:
+				t.Fatalf("err = %v, want the retry on a fresh session to succeed", err)
+			case !tt.retried && !errors.Is(err, pkcs11.Error(tt.code)):
 				t.Fatalf("err = %v, want %v", err, pkcs11.Error(tt.code))
-			}
-			if got := classOf(t, err); got != tt.class {
-				t.Fatalf("class %v, want %v", got, tt.class)
+			case !tt.retried && classOf(t, err) != tt.class:
+				t.Fatalf("class %v, want %v", classOf(t, err), tt.class)
 			}
 			st := cl.Stats()
 			var want [len(st.Evictions)]uint64
 			wantOpen := before.Open
 			if tt.evict {
 				want[tt.class] = 1
+			}
+			if tt.evict && !tt.retried {
 				wantOpen--
 			}
 			if st.Evictions != want || st.Open != wantOpen || st.InUse != 0 {
@@ -270,6 +276,22 @@ func TestPool_ReleaseByClass_FaultInjected(t *testing.T) {
 				t.Errorf("C_OpenSession %d, C_CloseSession %d times; want %d each", newOpens, newCloses, wantNew)
 			}
 		})
+	}
+}
+
+// TestRun_RetriesSessionFaultOnce_FaultInjected: a second session-class failure in a row
+// reaches the caller; the operation is not tried a third time.
+func TestRun_RetriesSessionFaultOnce_FaultInjected(t *testing.T) {
+	var f hsmtest.Faults
+	cl, _ := newCluster(t, intercept(f.Interceptor()))
+	calls := f.Calls("C_FindObjectsInit")
+	f.Fail("C_FindObjectsInit", pkcs11.CKR_SESSION_HANDLE_INVALID, 2)
+	_, err := cl.DataObjects(t.Context())
+	if classOf(t, err) != hsm.ClassSession {
+		t.Fatalf("err = %v, want the session-class error of the retry", err)
+	}
+	if got := f.Calls("C_FindObjectsInit") - calls; got != 2 {
+		t.Errorf("C_FindObjectsInit called %d times, want 2 (the call and one retry)", got)
 	}
 }
 

@@ -74,7 +74,7 @@ var oidP256 = []byte{0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07}
 // GenerateIdentityKey makes an ECDSA P-256 key pair on the token under label, the private
 // half sensitive and not extractable, and returns the public key.
 func (c *Cluster) GenerateIdentityKey(ctx context.Context, label string) (crypto.PublicKey, error) {
-	pub, err := Do(ctx, c.pool, func(s *Session) (*ecdsa.PublicKey, error) {
+	pub, err := run(ctx, c, false, func(s *Session) (*ecdsa.PublicKey, error) {
 		pubH, _, err := s.api.GenerateKeyPair(s.h,
 			[]*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_EC_KEY_PAIR_GEN, nil)},
 			[]*pkcs11.Attribute{
@@ -112,7 +112,7 @@ func (c *Cluster) GenerateIdentityKey(ctx context.Context, label string) (crypto
 
 // StoreCertificate writes a public X.509 certificate object under label.
 func (c *Cluster) StoreCertificate(ctx context.Context, label string, cert *x509.Certificate) error {
-	err := c.pool.Do(ctx, func(s *Session) error {
+	err := exec(ctx, c, false, func(s *Session) error {
 		_, err := s.createObject([]*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_CERTIFICATE),
 			pkcs11.NewAttribute(pkcs11.CKA_CERTIFICATE_TYPE, pkcs11.CKC_X_509),

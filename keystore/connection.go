@@ -86,6 +86,12 @@ func (s *Service) connection(ctx context.Context, k store.Keystore) Connection {
 	if !ok {
 		return Connection{Failed, CodeClusterNotFound}
 	}
+	switch h := cl.Health(); h.State {
+	case hsm.StateFailed:
+		return Connection{Failed, h.Reason}
+	case hsm.StateUnavailable:
+		return Connection{Disconnected, CodeNetworkErrors}
+	}
 	p := s.clusterProbe(ctx, cl)
 	if p.err != nil {
 		return connectionOfError(p.err)

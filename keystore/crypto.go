@@ -56,6 +56,14 @@ func (s *Service) usableKey(ctx context.Context, who Caller, id, usage string) (
 	return k, cl, nil
 }
 
+// badCiphertext reports whether a decryption failed on the ciphertext itself: a caller-class
+// error of C_Decrypt. A refusal earlier (the mechanism, its parameters) is not the caller's
+// ciphertext and must not be reported as one.
+func badCiphertext(err error) bool {
+	oe, ok := errors.AsType[*hsm.OpError](err)
+	return ok && oe.Func == "C_Decrypt" && oe.Class == hsm.ClassCaller
+}
+
 // keyOpError turns a failed key operation into an *Error: a missing key object is reported
 // as such, the rest by class.
 func keyOpError(what string, err error) *Error {
@@ -141,7 +149,7 @@ func (s *Service) Decrypt(ctx context.Context, who Caller, id, alg string, ciphe
 	}
 	pt, err := cl.DecryptOAEP(ctx, k.ID, ciphertext)
 	if err != nil {
-		if hsm.Classify(err) == hsm.ClassCaller {
+		if badCiphertext(err) {
 			return "", nil, &Error{Kind: KindDecryptFailed, Msg: "cipher_text could not be decrypted with this key", Err: err}
 		}
 		return "", nil, keyOpError("decrypt", err)
@@ -160,7 +168,7 @@ func (s *Service) openBlob(ctx context.Context, who Caller, id string, blob, aad
 	head, iv, ct := blob[:headerSize], blob[headerSize:headerSize+ivSize], blob[headerSize+ivSize:]
 	pt, err := cl.DecryptGCM(ctx, id, iv, blobAAD(head, aad), ct)
 	if err != nil {
-		if hsm.Classify(err) == hsm.ClassCaller {
+		if badCiphertext(err) {
 			return "", nil, &Error{Kind: KindDecryptFailed, Err: err,
 				Msg: "cipher_text could not be decrypted: it was altered, or additional_authenticated_data differs"}
 		}

@@ -27,6 +27,7 @@ const (
 	KindUnsupportedType              // a keystore type this daemon does not serve
 	KindHSMUnavailable               // the cluster failed (device, session, login or credential)
 	KindHSMTimeout                   // no HSM session came free in time
+	KindHSMBreakerOpen               // the cluster refuses work until it recovers (fails fast)
 	KindHSMFailure                   // the HSM refused in a way we did not expect
 
 	// Keys.
@@ -111,6 +112,8 @@ func KindOf(err error) Kind {
 // hsmError turns a failed HSM call into an *Error, by the class hsm gave it.
 func hsmError(what string, err error) *Error {
 	switch {
+	case errors.Is(err, hsm.ErrUnavailable):
+		return &Error{Kind: KindHSMBreakerOpen, Msg: what + ": the HSM cluster is unavailable until it recovers; retry later", Err: err}
 	case errors.Is(err, hsm.ErrAcquireTimeout), errors.Is(err, context.DeadlineExceeded):
 		return &Error{Kind: KindHSMTimeout, Msg: what + ": the HSM cluster did not answer in time", Err: err}
 	}

@@ -73,15 +73,17 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 			err = errors.Join(err, d.close(context.Background()))
 		}
 	}()
-	if d.store, err = store.OpenSQLite(ctx, cfg.Store.Path); err != nil {
+	st, err := store.OpenSQLite(ctx, cfg.Store.Path)
+	if err != nil {
 		return nil, err
 	}
+	d.store = st // assigned only when open: a nil *SQLite in the interface would not be nil
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := api.NewMetrics(reg, reg, version)
 	var bound []keystore.Cluster
 	for i, cc := range cfg.Clusters {
-		cl, err := openCluster(ctx, cc, metrics)
+		cl, err := openCluster(ctx, cc, metrics, log)
 		if err != nil {
 			return nil, fmt.Errorf("clusters[%d]: %w", i, err)
 		}
@@ -111,7 +113,7 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 	return d, nil
 }
 
-func openCluster(ctx context.Context, cc config.Cluster, m *api.Metrics) (*hsm.Cluster, error) {
+func openCluster(ctx context.Context, cc config.Cluster, m *api.Metrics, log *slog.Logger) (*hsm.Cluster, error) {
 	pin, err := cc.PIN.Read()
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", cc.ID, err)
@@ -121,6 +123,10 @@ func openCluster(ctx context.Context, cc config.Cluster, m *api.Metrics) (*hsm.C
 		PIN: pin, PoolSize: cc.PoolSize,
 		IdentityKeyLabel: cc.Identity.KeyLabel, IdentityCertLabel: cc.Identity.CertLabel,
 		Interceptor: m.HSMCalls(cc.ID), OnAcquireWait: m.AcquireWait(cc.ID),
+		OnHealthChange: func(h hsm.Health) {
+			log.Warn("cluster health changed", "cluster", cc.ID, "state", h.State.String(), "reason", h.Reason)
+		},
+		OnRecoverError: func(err error) { log.Warn("cluster recovery attempt failed", "cluster", cc.ID, "err", err) },
 	}
 	if cc.Identity.CertFile != "" {
 		if hc.IdentityCertPEM, err = os.ReadFile(cc.Identity.CertFile); err != nil {
@@ -200,6 +206,9 @@ func (d *daemon) run(ctx context.Context, ln net.Listener) error {
 	grace := d.cfg.Server.ShutdownTimeout.Duration
 	d.log.Info("shutting down", "grace", grace.String())
 	d.server.SetDraining()
+	if d.trusted != nil {
+		d.trusted.SetDraining()
+	}
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	var shutdownErrs []error

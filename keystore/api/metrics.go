@@ -117,6 +117,11 @@ var (
 	descWaits     = prometheus.NewDesc("hsmbridge_pool_waits_total", "Acquisitions that had to wait for a session.", []string{"cluster"}, nil)
 	descWaitTime  = prometheus.NewDesc("hsmbridge_pool_wait_seconds_total", "Total time callers waited for a session.", []string{"cluster"}, nil)
 	descEvictions = prometheus.NewDesc("hsmbridge_pool_evictions_total", "Sessions closed after an error, by error class.", []string{"cluster", "class"}, nil)
+	descStuck     = prometheus.NewDesc("hsmbridge_pool_stuck_sessions", "Sessions held in a PKCS#11 call for longer than the stuck threshold, now.", []string{"cluster"}, nil)
+	descStuckAll  = prometheus.NewDesc("hsmbridge_pool_stuck_calls_total", "Calls that held a session past the stuck threshold.", []string{"cluster"}, nil)
+	descRelogins  = prometheus.NewDesc("hsmbridge_pool_relogins_total", "Re-logins after the token forgot our login.", []string{"cluster"}, nil)
+	descBreaker   = prometheus.NewDesc("hsmbridge_cluster_breaker_open", "1 while the cluster refuses work (breaker open, or failed on its credential).", []string{"cluster"}, nil)
+	descOpens     = prometheus.NewDesc("hsmbridge_cluster_breaker_opens_total", "Times the cluster's breaker opened.", []string{"cluster"}, nil)
 )
 
 // NewPoolCollector returns a collector over clusters.
@@ -126,7 +131,8 @@ func NewPoolCollector(clusters []*hsm.Cluster) *PoolCollector {
 
 // Describe implements prometheus.Collector.
 func (c *PoolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descSessions, descMax, descWaiters, descWaits, descWaitTime, descEvictions} {
+	for _, d := range []*prometheus.Desc{descSessions, descMax, descWaiters, descWaits, descWaitTime, descEvictions,
+		descStuck, descStuckAll, descRelogins, descBreaker, descOpens} {
 		ch <- d
 	}
 }
@@ -144,6 +150,15 @@ func (c *PoolCollector) Collect(ch chan<- prometheus.Metric) {
 		for class, n := range st.Evictions {
 			ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(n), id, hsm.Class(class).String())
 		}
+		ch <- prometheus.MustNewConstMetric(descStuck, prometheus.GaugeValue, float64(st.Stuck), id)
+		ch <- prometheus.MustNewConstMetric(descStuckAll, prometheus.CounterValue, float64(st.StuckCalls), id)
+		ch <- prometheus.MustNewConstMetric(descRelogins, prometheus.CounterValue, float64(st.Relogins), id)
+		open := 0.0
+		if cl.Health().State != hsm.StateHealthy {
+			open = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descBreaker, prometheus.GaugeValue, open, id)
+		ch <- prometheus.MustNewConstMetric(descOpens, prometheus.CounterValue, float64(st.BreakerOpens), id)
 	}
 }
 
