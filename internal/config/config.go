@@ -6,8 +6,9 @@
 // and line), fills in defaults, resolves relative paths and then calls
 // Validate, which reports every problem at once rather than the first.
 //
-// Relative paths (store.path, auth.token_file, clusters[].identity.cert_file,
-// clusters[].pin.file and a unix: listen address) are resolved against the
+// Relative paths (store.path, auth.token_file, auth.aksk_file, auth.jwt.jwks_file,
+// auth.trusted's files, clusters[].identity.cert_file, clusters[].pin.file and unix:
+// listen addresses) are resolved against the
 // directory containing the config file, so the daemon means the same files
 // whatever its working directory. clusters[].module is the exception: it must
 // be absolute.
@@ -222,7 +223,7 @@ func decode(file string, data []byte, c *Config) error {
 var (
 	yamlLineMsg    = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
 	yamlUnknownKey = regexp.MustCompile(`^field (\S+) not found in type (\S+)$`)
-	keysByType     = yamlKeys(Config{}, Store{}, Auth{}, Log{}, Server{}, Cluster{}, TokenSel{}, Identity{})
+	keysByType     = yamlKeys(Config{}, Store{}, Auth{}, JWT{}, Trusted{}, Log{}, Server{}, Cluster{}, TokenSel{}, Identity{})
 )
 
 // yamlKeys maps each struct's Go type name, as yaml.v3 prints it, to its YAML
@@ -302,6 +303,7 @@ func (c *Config) resolvePaths(dir string) {
 	}
 	resolveListen(&c.Listen)
 	resolveListen(&c.Auth.Trusted.Listen)
+	resolveListen(&c.Server.MetricsListen)
 	resolve(&c.Store.Path)
 	resolve(&c.Auth.TokenFile)
 	resolve(&c.Auth.AKSKFile)
@@ -405,9 +407,9 @@ func (a Auth) validate(path string) []error {
 			}
 		} else {
 			errs = append(errs, validateListen(p+".listen", t.Listen)...)
-			for key, v := range map[string]string{"client_ca": t.ClientCA, "cert_file": t.CertFile, "key_file": t.KeyFile} {
-				if v == "" {
-					errs = append(errs, problem(p+"."+key, "required for an mTLS listener"))
+			for _, f := range []struct{ key, v string }{{"client_ca", t.ClientCA}, {"cert_file", t.CertFile}, {"key_file", t.KeyFile}} {
+				if f.v == "" {
+					errs = append(errs, problem(p+"."+f.key, "required for an mTLS listener"))
 				}
 			}
 			if len(t.Subjects) == 0 {

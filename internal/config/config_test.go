@@ -13,6 +13,19 @@ import (
 
 func dur(d time.Duration) Duration { return Duration{d} }
 
+// defaultServer is the server section as defaulted, with metricsListen.
+func defaultServer(metricsListen string) Server {
+	return Server{
+		ReadHeaderTimeout: dur(5 * time.Second),
+		ReadTimeout:       dur(30 * time.Second),
+		WriteTimeout:      dur(30 * time.Second),
+		IdleTimeout:       dur(120 * time.Second),
+		ShutdownTimeout:   dur(15 * time.Second),
+		RequestTimeout:    dur(5 * time.Second),
+		MetricsListen:     metricsListen,
+	}
+}
+
 func TestLoadValid(t *testing.T) {
 	dir, err := filepath.Abs("testdata")
 	if err != nil {
@@ -84,6 +97,54 @@ func TestLoadValid(t *testing.T) {
 					PIN:      PINSource{Env: "HSMBRIDGE_C1_PIN"},
 					PoolSize: 4,
 					Identity: Identity{KeyLabel: "identity", CertLabel: "identity-cert"},
+				}},
+			},
+		},
+		{
+			file: "auth_full.yaml",
+			want: Config{
+				Listen: "127.0.0.1:8080",
+				Region: "local-1",
+				Store:  Store{Driver: "sqlite", Path: filepath.Join(dir, "hsmbridge.db")},
+				Auth: Auth{
+					TokenFile: filepath.Join(dir, "tokens.yaml"),
+					AKSKFile:  filepath.Join(dir, "secrets/aksk.yaml"),
+					JWT: JWT{
+						JWKSFile: filepath.Join(dir, "jwks.json"), Issuer: "https://iam.example", Audience: "hsmbridge",
+						Algorithms: []string{"ES256", "EdDSA"}, Leeway: dur(10 * time.Second),
+					},
+					Trusted: Trusted{
+						Listen:   "127.0.0.1:8443",
+						ClientCA: filepath.Join(dir, "tls/frontend-ca.pem"),
+						CertFile: filepath.Join(dir, "tls/server.pem"),
+						KeyFile:  "/etc/hsmbridge/tls/server-key.pem",
+						Subjects: []string{"CN=frontend-a,O=kms", "CN=frontend-b,O=kms"},
+					},
+				},
+				Log:    Log{Level: "info", Format: "json"},
+				Server: defaultServer("127.0.0.1:9090"),
+				Clusters: []Cluster{{
+					ID: "c1", Type: "DHSM", Module: "/usr/lib/softhsm/libsofthsm2.so", Token: TokenSel{Label: "c1"},
+					PIN: PINSource{Env: "HSMBRIDGE_C1_PIN"}, PoolSize: 4, Identity: Identity{KeyLabel: "identity", CertLabel: "identity-cert"},
+				}},
+			},
+		},
+		{
+			file: "auth_unix.yaml",
+			want: Config{
+				Listen: "127.0.0.1:8080",
+				Region: "local-1",
+				Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/hsmbridge.db"},
+				Auth: Auth{
+					AKSKFile: "/etc/hsmbridge/aksk.yaml",
+					JWT:      JWT{Leeway: dur(30 * time.Second)},
+					Trusted:  Trusted{Listen: "unix:" + filepath.Join(dir, "run/trusted.sock"), AllowedUIDs: []int{0, 998}},
+				},
+				Log:    Log{Level: "info", Format: "json"},
+				Server: defaultServer(""),
+				Clusters: []Cluster{{
+					ID: "c1", Type: "DHSM", Module: "/usr/lib/softhsm/libsofthsm2.so", Token: TokenSel{Label: "c1"},
+					PIN: PINSource{Env: "HSMBRIDGE_C1_PIN"}, PoolSize: 4, Identity: Identity{KeyLabel: "identity", CertLabel: "identity-cert"},
 				}},
 			},
 		},
@@ -168,6 +229,38 @@ func TestLoadErrors(t *testing.T) {
 			},
 			notWant: []string{"1234"},
 		},
+		{
+			file: "auth_problems.yaml",
+			want: []string{
+				"auth_problems.yaml: invalid configuration:",
+				"auth.jwt.issuer: required with jwt.jwks_file",
+				"auth.jwt.audience: required with jwt.jwks_file",
+				"auth.jwt.leeway: must not be negative",
+				"auth.trusted.client_ca: required for an mTLS listener",
+				"auth.trusted.cert_file: required for an mTLS listener",
+				"auth.trusted.key_file: required for an mTLS listener",
+				"auth.trusted.subjects: required for an mTLS listener",
+				"server.metrics_listen: want host:port or unix:/path",
+			},
+			// jwt.jwks_file is a scheme; allowed_uids is not required on TCP.
+			notWant: []string{"name at least one of", "allowed_uids"},
+		},
+		{
+			file: "auth_none.yaml",
+			want: []string{
+				"auth: name at least one of token_file, aksk_file, jwt.jwks_file",
+				"auth.trusted.allowed_uids: required for a Unix socket listener",
+			},
+			// Without jwks_file the jwt section is off, so its keys are not required.
+			notWant: []string{"auth.jwt."},
+		},
+		{
+			file: "auth_unknown_key.yaml",
+			want: []string{
+				`auth_unknown_key.yaml:7: unknown key "audiance"`,
+				`auth_unknown_key.yaml:10: unknown key "allowed_uid"`,
+			},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.file, func(t *testing.T) {
@@ -220,13 +313,120 @@ func validConfig() Config {
 	}
 }
 
+// withJWT turns on signed tokens with every required key set.
+func withJWT(c *Config) {
+	c.Auth.JWT = JWT{JWKSFile: "/etc/hsmbridge/jwks.json", Issuer: "iss", Audience: "aud"}
+}
+
+// withTrustedUnix turns on a valid trusted frontend on a Unix socket.
+func withTrustedUnix(c *Config) {
+	c.Auth.Trusted = Trusted{Listen: "unix:/run/hsmbridge/trusted.sock", AllowedUIDs: []int{998}}
+}
+
+// withTrustedTLS turns on a valid trusted frontend over mTLS.
+func withTrustedTLS(c *Config) {
+	c.Auth.Trusted = Trusted{
+		Listen: "127.0.0.1:8443", ClientCA: "/etc/hsmbridge/ca.pem", CertFile: "/etc/hsmbridge/server.pem",
+		KeyFile: "/etc/hsmbridge/server-key.pem", Subjects: []string{"CN=frontend-a,O=kms"},
+	}
+}
+
 func TestValidate(t *testing.T) {
 	tests := []struct {
-		name   string
-		modify func(*Config)
-		want   []string // empty: must be valid
+		name    string
+		modify  func(*Config)
+		want    []string // empty: must be valid
+		notWant []string
 	}{
 		{name: "valid", modify: func(*Config) {}},
+		{name: "no auth scheme", modify: func(c *Config) { c.Auth = Auth{} }, want: []string{"auth: name at least one of token_file, aksk_file, jwt.jwks_file"}},
+		{
+			name:   "jwt settings without jwks_file are no scheme",
+			modify: func(c *Config) { c.Auth = Auth{JWT: JWT{Issuer: "iss", Audience: "aud"}} },
+			want:   []string{"auth: name at least one of token_file, aksk_file, jwt.jwks_file"},
+		},
+		{name: "aksk only", modify: func(c *Config) { c.Auth = Auth{AKSKFile: "/etc/hsmbridge/aksk.yaml"} }},
+		{name: "jwt only", modify: func(c *Config) { c.Auth = Auth{}; withJWT(c) }},
+		{
+			name:    "jwt without issuer and audience",
+			modify:  func(c *Config) { c.Auth.JWT = JWT{JWKSFile: "/etc/hsmbridge/jwks.json"} },
+			want:    []string{"auth.jwt.issuer: required with jwt.jwks_file", "auth.jwt.audience: required with jwt.jwks_file"},
+			notWant: []string{"auth.jwt.leeway"},
+		},
+		{
+			name:    "jwt without audience",
+			modify:  func(c *Config) { withJWT(c); c.Auth.JWT.Audience = "" },
+			want:    []string{"auth.jwt.audience: required with jwt.jwks_file"},
+			notWant: []string{"auth.jwt.issuer"},
+		},
+		{
+			name:   "jwt negative leeway",
+			modify: func(c *Config) { withJWT(c); c.Auth.JWT.Leeway = dur(-time.Second) },
+			want:   []string{"auth.jwt.leeway: must not be negative"},
+		},
+		{name: "trusted unix", modify: withTrustedUnix},
+		{
+			name:    "trusted unix without allowed_uids",
+			modify:  func(c *Config) { withTrustedUnix(c); c.Auth.Trusted.AllowedUIDs = nil },
+			want:    []string{"auth.trusted.allowed_uids: required for a Unix socket listener"},
+			notWant: []string{"client_ca", "cert_file", "key_file", "subjects"},
+		},
+		{
+			name:   "trusted unix without path",
+			modify: func(c *Config) { withTrustedUnix(c); c.Auth.Trusted.Listen = "unix:" },
+			want:   []string{"auth.trusted.listen: unix: needs a socket path"},
+		},
+		{name: "trusted tcp", modify: withTrustedTLS},
+		{
+			name:   "trusted tcp without tls files and subjects",
+			modify: func(c *Config) { c.Auth.Trusted = Trusted{Listen: "127.0.0.1:8443", AllowedUIDs: []int{0}} },
+			want: []string{
+				"auth.trusted.client_ca: required for an mTLS listener",
+				"auth.trusted.cert_file: required for an mTLS listener",
+				"auth.trusted.key_file: required for an mTLS listener",
+				"auth.trusted.subjects: required for an mTLS listener",
+			},
+			notWant: []string{"allowed_uids"},
+		},
+		{
+			name:    "trusted tcp without client_ca",
+			modify:  func(c *Config) { withTrustedTLS(c); c.Auth.Trusted.ClientCA = "" },
+			want:    []string{"auth.trusted.client_ca: required for an mTLS listener"},
+			notWant: []string{"cert_file", "key_file", "subjects"},
+		},
+		{
+			name:    "trusted tcp without cert_file",
+			modify:  func(c *Config) { withTrustedTLS(c); c.Auth.Trusted.CertFile = "" },
+			want:    []string{"auth.trusted.cert_file: required for an mTLS listener"},
+			notWant: []string{"client_ca", "key_file", "subjects"},
+		},
+		{
+			name:    "trusted tcp without key_file",
+			modify:  func(c *Config) { withTrustedTLS(c); c.Auth.Trusted.KeyFile = "" },
+			want:    []string{"auth.trusted.key_file: required for an mTLS listener"},
+			notWant: []string{"client_ca", "cert_file", "subjects"},
+		},
+		{
+			name:    "trusted tcp without subjects",
+			modify:  func(c *Config) { withTrustedTLS(c); c.Auth.Trusted.Subjects = nil },
+			want:    []string{"auth.trusted.subjects: required for an mTLS listener"},
+			notWant: []string{"client_ca", "cert_file", "key_file"},
+		},
+		{
+			name:   "trusted tcp bad address",
+			modify: func(c *Config) { withTrustedTLS(c); c.Auth.Trusted.Listen = "127.0.0.1" },
+			want:   []string{"auth.trusted.listen: want host:port or unix:/path"},
+		},
+		{
+			name:   "trusted tcp bad port",
+			modify: func(c *Config) { withTrustedTLS(c); c.Auth.Trusted.Listen = "127.0.0.1:70000" },
+			want:   []string{`auth.trusted.listen: port must be a number from 0 to 65535, got "70000"`},
+		},
+		{name: "metrics_listen tcp", modify: func(c *Config) { c.Server.MetricsListen = "127.0.0.1:9090" }},
+		{name: "metrics_listen unix", modify: func(c *Config) { c.Server.MetricsListen = "unix:/run/hsmbridge/ops.sock" }},
+		{name: "metrics_listen without port", modify: func(c *Config) { c.Server.MetricsListen = "localhost" }, want: []string{"server.metrics_listen: want host:port or unix:/path"}},
+		{name: "metrics_listen bad port", modify: func(c *Config) { c.Server.MetricsListen = "127.0.0.1:http" }, want: []string{`server.metrics_listen: port must be a number from 0 to 65535, got "http"`}},
+		{name: "metrics_listen unix without path", modify: func(c *Config) { c.Server.MetricsListen = "unix:" }, want: []string{"server.metrics_listen: unix: needs a socket path"}},
 		{name: "tcp any host", modify: func(c *Config) { c.Listen = ":8080" }},
 		{name: "unix", modify: func(c *Config) { c.Listen = "unix:/run/hsmbridge.sock" }},
 		{name: "unix without path", modify: func(c *Config) { c.Listen = "unix:" }, want: []string{"listen: unix: needs a socket path"}},
@@ -306,6 +506,11 @@ func TestValidate(t *testing.T) {
 			for _, s := range tt.want {
 				if !strings.Contains(err.Error(), s) {
 					t.Errorf("error does not contain %q:\n%v", s, err)
+				}
+			}
+			for _, s := range tt.notWant {
+				if strings.Contains(err.Error(), s) {
+					t.Errorf("error contains %q:\n%v", s, err)
 				}
 			}
 		})

@@ -198,7 +198,7 @@ func errorCode(err error) string {
 // that their roles allow action. Identity headers are refused unless this is the trusted
 // frontend's listener.
 func (s *Server) authorize(r *http.Request, action string) (keystore.Caller, error) {
-	if !s.trusted && (r.Header.Get(headerDomain) != "" || r.Header.Get(headerProject) != "") {
+	if !s.trusted && (len(r.Header.Values(headerDomain)) > 0 || len(r.Header.Values(headerProject)) > 0) {
 		return keystore.Caller{}, &authError{"identity headers are accepted only from a trusted frontend"}
 	}
 	id, err := s.auth.Authenticate(r)
