@@ -122,8 +122,12 @@ func (s *Service) CreateKey(ctx context.Context, who Caller, req CreateKeyReques
 	}
 	pubDER, err := s.generate(ctx, cl, k.ID, spec, usage)
 	if err == nil {
+		// The key exists on the token now; record it even if the request's deadline
+		// passed during a slow generation, rather than throw the key away.
+		saveCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
 		k.PublicKey, k.State = pubDER, store.KeyEnabled
-		err = s.store.ActivateKey(ctx, k.ID, pubDER, s.now())
+		err = s.store.ActivateKey(saveCtx, k.ID, pubDER, s.now())
 		if err != nil {
 			err = &Error{Kind: KindInternal, Msg: "create key: store failed", Err: err}
 		}

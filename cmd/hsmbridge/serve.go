@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -101,9 +103,15 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 	if d.auth, err = authSchemes(cfg.Auth, metrics); err != nil {
 		return nil, err
 	}
+	routeTimeouts, err := routeTimeouts(cfg.Server.RouteTimeouts)
+	if err != nil {
+		return nil, err
+	}
 	apiCfg := api.Config{
 		Service: svc, Auth: d.auth, Metrics: metrics, Log: log, Region: cfg.Region,
-		RequestTimeout: cfg.Server.RequestTimeout.Duration,
+		RequestTimeout:      cfg.Server.RequestTimeout.Duration,
+		KeyOperationTimeout: cfg.Server.KeyOperationTimeout.Duration,
+		RouteTimeouts:       routeTimeouts,
 	}
 	d.server = api.NewServer(apiCfg)
 	if t := cfg.Auth.Trusted; t.Listen != "" {
@@ -111,6 +119,19 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 		d.trusted = api.NewServer(apiCfg)
 	}
 	return d, nil
+}
+
+// routeTimeouts checks the configured per-route deadlines against the API's route names.
+func routeTimeouts(in map[string]config.Duration) (map[string]time.Duration, error) {
+	known := api.RouteNames()
+	out := make(map[string]time.Duration, len(in))
+	for name, d := range in {
+		if !slices.Contains(known, name) {
+			return nil, fmt.Errorf("server.route_timeouts: unknown route %q (known: %s)", name, strings.Join(known, ", "))
+		}
+		out[name] = d.Duration
+	}
+	return out, nil
 }
 
 func openCluster(ctx context.Context, cc config.Cluster, m *api.Metrics, log *slog.Logger) (*hsm.Cluster, error) {

@@ -112,6 +112,12 @@ type Server struct {
 	// HSM session; default 5s. It must be shorter than WriteTimeout, or the
 	// connection is cut before the timeout response can be written.
 	RequestTimeout Duration `yaml:"request_timeout"`
+	// KeyOperationTimeout bounds each data-plane key operation (sign, encrypt, ...),
+	// including its wait for a pooled session; default 250ms.
+	KeyOperationTimeout Duration `yaml:"key_operation_timeout"`
+	// RouteTimeouts overrides the deadline of single routes by name ("sign",
+	// "create-key", "list-keystores", ...).
+	RouteTimeouts map[string]Duration `yaml:"route_timeouts"`
 	// MetricsListen, if set, is a second listener serving only /healthz, /readyz and
 	// /metrics, for probes and scrapers that cannot reach the API's Unix socket.
 	MetricsListen string `yaml:"metrics_listen"`
@@ -279,6 +285,7 @@ func (c *Config) setDefaults() {
 	s.IdleTimeout = cmp.Or(s.IdleTimeout, Duration{120 * time.Second})
 	s.ShutdownTimeout = cmp.Or(s.ShutdownTimeout, Duration{15 * time.Second})
 	s.RequestTimeout = cmp.Or(s.RequestTimeout, Duration{5 * time.Second})
+	s.KeyOperationTimeout = cmp.Or(s.KeyOperationTimeout, Duration{250 * time.Millisecond})
 	c.Auth.JWT.Leeway = cmp.Or(c.Auth.JWT.Leeway, Duration{30 * time.Second})
 	for i := range c.Clusters {
 		cl := &c.Clusters[i]
@@ -443,9 +450,15 @@ func (s Server) validate(path string) []error {
 		{"idle_timeout", s.IdleTimeout},
 		{"shutdown_timeout", s.ShutdownTimeout},
 		{"request_timeout", s.RequestTimeout},
+		{"key_operation_timeout", s.KeyOperationTimeout},
 	} {
 		if t.d.Duration <= 0 {
 			errs = append(errs, problem(path+"."+t.key, "must be positive, got %s", t.d))
+		}
+	}
+	for name, d := range s.RouteTimeouts {
+		if d.Duration <= 0 || d.Duration >= s.WriteTimeout.Duration {
+			errs = append(errs, problem(path+".route_timeouts."+name, "must be positive and shorter than write_timeout (%s), got %s", s.WriteTimeout, d))
 		}
 	}
 	if s.RequestTimeout.Duration > 0 && s.RequestTimeout.Duration >= s.WriteTimeout.Duration {

@@ -16,13 +16,14 @@ func dur(d time.Duration) Duration { return Duration{d} }
 // defaultServer is the server section as defaulted, with metricsListen.
 func defaultServer(metricsListen string) Server {
 	return Server{
-		ReadHeaderTimeout: dur(5 * time.Second),
-		ReadTimeout:       dur(30 * time.Second),
-		WriteTimeout:      dur(30 * time.Second),
-		IdleTimeout:       dur(120 * time.Second),
-		ShutdownTimeout:   dur(15 * time.Second),
-		RequestTimeout:    dur(5 * time.Second),
-		MetricsListen:     metricsListen,
+		ReadHeaderTimeout:   dur(5 * time.Second),
+		ReadTimeout:         dur(30 * time.Second),
+		WriteTimeout:        dur(30 * time.Second),
+		IdleTimeout:         dur(120 * time.Second),
+		ShutdownTimeout:     dur(15 * time.Second),
+		RequestTimeout:      dur(5 * time.Second),
+		KeyOperationTimeout: dur(250 * time.Millisecond),
+		MetricsListen:       metricsListen,
 	}
 }
 
@@ -44,12 +45,13 @@ func TestLoadValid(t *testing.T) {
 				Auth:   Auth{TokenFile: filepath.Join(dir, "tokens.yaml"), JWT: JWT{Leeway: dur(30 * time.Second)}},
 				Log:    Log{Level: "debug", Format: "text"},
 				Server: Server{
-					ReadHeaderTimeout: dur(2 * time.Second),
-					ReadTimeout:       dur(10 * time.Second),
-					WriteTimeout:      dur(20 * time.Second),
-					IdleTimeout:       dur(time.Minute),
-					ShutdownTimeout:   dur(3 * time.Second),
-					RequestTimeout:    dur(2500 * time.Millisecond),
+					ReadHeaderTimeout:   dur(2 * time.Second),
+					ReadTimeout:         dur(10 * time.Second),
+					WriteTimeout:        dur(20 * time.Second),
+					IdleTimeout:         dur(time.Minute),
+					ShutdownTimeout:     dur(3 * time.Second),
+					RequestTimeout:      dur(2500 * time.Millisecond),
+					KeyOperationTimeout: dur(250 * time.Millisecond),
 				},
 				Clusters: []Cluster{
 					{
@@ -82,12 +84,13 @@ func TestLoadValid(t *testing.T) {
 				Auth:   Auth{TokenFile: "/etc/hsmbridge/tokens.yaml", JWT: JWT{Leeway: dur(30 * time.Second)}},
 				Log:    Log{Level: "info", Format: "json"},
 				Server: Server{
-					ReadHeaderTimeout: dur(5 * time.Second),
-					ReadTimeout:       dur(30 * time.Second),
-					WriteTimeout:      dur(30 * time.Second),
-					IdleTimeout:       dur(120 * time.Second),
-					ShutdownTimeout:   dur(15 * time.Second),
-					RequestTimeout:    dur(5 * time.Second),
+					ReadHeaderTimeout:   dur(5 * time.Second),
+					ReadTimeout:         dur(30 * time.Second),
+					WriteTimeout:        dur(30 * time.Second),
+					IdleTimeout:         dur(120 * time.Second),
+					ShutdownTimeout:     dur(15 * time.Second),
+					RequestTimeout:      dur(5 * time.Second),
+					KeyOperationTimeout: dur(250 * time.Millisecond),
 				},
 				Clusters: []Cluster{{
 					ID:       "c1",
@@ -291,12 +294,13 @@ func validConfig() Config {
 		Auth:   Auth{TokenFile: "/etc/hsmbridge/tokens.yaml"},
 		Log:    Log{Level: "info", Format: "json"},
 		Server: Server{
-			ReadHeaderTimeout: dur(5 * time.Second),
-			ReadTimeout:       dur(30 * time.Second),
-			WriteTimeout:      dur(30 * time.Second),
-			IdleTimeout:       dur(120 * time.Second),
-			ShutdownTimeout:   dur(15 * time.Second),
-			RequestTimeout:    dur(5 * time.Second),
+			ReadHeaderTimeout:   dur(5 * time.Second),
+			ReadTimeout:         dur(30 * time.Second),
+			WriteTimeout:        dur(30 * time.Second),
+			IdleTimeout:         dur(120 * time.Second),
+			ShutdownTimeout:     dur(15 * time.Second),
+			RequestTimeout:      dur(5 * time.Second),
+			KeyOperationTimeout: dur(250 * time.Millisecond),
 		},
 		Clusters: []Cluster{
 			{

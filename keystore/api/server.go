@@ -4,6 +4,7 @@
 package api
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -31,7 +32,6 @@ type Server struct {
 	log      *slog.Logger
 	region   string
 	trusted  bool
-	timeout  time.Duration
 	draining atomic.Bool
 	mux      *http.ServeMux
 }
@@ -46,64 +46,70 @@ type Config struct {
 	// Trusted marks the trusted frontend's listener, the only one that accepts identity
 	// headers (with a TrustedFrontend as Auth).
 	Trusted bool
-	// RequestTimeout bounds each API request, including its wait for an HSM session.
-	RequestTimeout time.Duration
+	// RequestTimeout bounds each control-plane request, including its wait for an HSM
+	// session; KeyOperationTimeout bounds each data-plane key operation (a PKCS#11 call
+	// cannot be cancelled, so this bounds the wait for a session, the part that queues);
+	// RouteTimeouts overrides either by route name ("sign", "create-key", ...).
+	RequestTimeout      time.Duration
+	KeyOperationTimeout time.Duration
+	RouteTimeouts       map[string]time.Duration
 }
 
 // handler serves one authenticated API call; a returned error is answered by writeError.
 type handler func(s *Server, w http.ResponseWriter, r *http.Request, who keystore.Caller) error
 
-// route is one API call: its pattern, the IAM-style action a role must allow, and whether
-// it changes state (then an AK/SK signature may be used only once).
+// route is one API call: its name (the key of server.route_timeouts), its pattern, whether
+// it is a data-plane key operation (the short key_operation_timeout applies), the IAM-style
+// action a role must allow, and whether it changes state (then an AK/SK signature may be
+// used only once).
 type route struct {
-	pattern  string
-	action   string
-	mutating bool
-	h        handler
+	name      string
+	pattern   string
+	dataPlane bool
+	action    string
+	mutating  bool
+	h         handler
 }
 
 // routes lists every API call. Keystore actions are the service's IAM actions; key actions
 // follow its kms:cmk:* and kms:dek:* naming.
 var routes = []route{
-	{"POST /v1.0/{project_id}/keystores", "kms:keystore:create", true, (*Server).createKeystore},
-	{"GET /v1.0/{project_id}/keystores", "kms:keystore:list", false, (*Server).listKeystores},
-	{"GET /v1.0/{project_id}/keystores/{keystore_id}", "kms:keystore:get", false, (*Server).showKeystore},
-	{"DELETE /v1.0/{project_id}/keystores/{keystore_id}", "kms:keystore:delete", true, (*Server).deleteKeystore},
-	{"POST /v1.0/{project_id}/keystores/{keystore_id}/enable", "kms:keystore:enable", true, (*Server).enableKeystore},
-	{"POST /v1.0/{project_id}/keystores/{keystore_id}/disable", "kms:keystore:disable", true, (*Server).disableKeystore},
-	{"POST /v1.0/{project_id}/kms/create-key", "kms:cmk:create", true, (*Server).createKey},
-	{"POST /v1.0/{project_id}/kms/describe-key", "kms:cmk:get", false, (*Server).describeKey},
-	{"POST /v1.0/{project_id}/kms/list-keys", "kms:cmk:list", false, (*Server).listKeys},
-	{"POST /v1.0/{project_id}/kms/get-publickey", "kms:cmk:getPublicKey", false, (*Server).getPublicKey},
-	{"POST /v1.0/{project_id}/kms/enable-key", "kms:cmk:enable", true, (*Server).enableKey},
-	{"POST /v1.0/{project_id}/kms/disable-key", "kms:cmk:disable", true, (*Server).disableKey},
-	{"POST /v1.0/{project_id}/kms/schedule-key-deletion", "kms:cmk:update", true, (*Server).scheduleKeyDeletion},
-	{"POST /v1.0/{project_id}/kms/cancel-key-deletion", "kms:cmk:update", true, (*Server).cancelKeyDeletion},
-	{"POST /v1.0/{project_id}/kms/encrypt-data", "kms:cmk:encrypt", false, (*Server).encryptData},
-	{"POST /v1.0/{project_id}/kms/decrypt-data", "kms:cmk:decrypt", false, (*Server).decryptData},
-	{"POST /v1.0/{project_id}/kms/create-datakey", "kms:dek:create", false, (*Server).createDatakey},
-	{"POST /v1.0/{project_id}/kms/create-datakey-without-plaintext", "kms:dek:create", false, (*Server).createDatakeyWithoutPlaintext},
-	{"POST /v1.0/{project_id}/kms/encrypt-datakey", "kms:dek:crypto", false, (*Server).encryptDatakey},
-	{"POST /v1.0/{project_id}/kms/decrypt-datakey", "kms:dek:crypto", false, (*Server).decryptDatakey},
-	{"POST /v1.0/{project_id}/kms/sign", "kms:cmk:sign", false, (*Server).sign},
-	{"POST /v1.0/{project_id}/kms/verify", "kms:cmk:verify", false, (*Server).verify},
-	{"POST /v1.0/{project_id}/kms/gen-random", "kms:cmk:generate", false, (*Server).genRandom},
+	{"create-keystore", "POST /v1.0/{project_id}/keystores", false, "kms:keystore:create", true, (*Server).createKeystore},
+	{"list-keystores", "GET /v1.0/{project_id}/keystores", false, "kms:keystore:list", false, (*Server).listKeystores},
+	{"show-keystore", "GET /v1.0/{project_id}/keystores/{keystore_id}", false, "kms:keystore:get", false, (*Server).showKeystore},
+	{"delete-keystore", "DELETE /v1.0/{project_id}/keystores/{keystore_id}", false, "kms:keystore:delete", true, (*Server).deleteKeystore},
+	{"enable-keystore", "POST /v1.0/{project_id}/keystores/{keystore_id}/enable", false, "kms:keystore:enable", true, (*Server).enableKeystore},
+	{"disable-keystore", "POST /v1.0/{project_id}/keystores/{keystore_id}/disable", false, "kms:keystore:disable", true, (*Server).disableKeystore},
+	{"create-key", "POST /v1.0/{project_id}/kms/create-key", false, "kms:cmk:create", true, (*Server).createKey},
+	{"describe-key", "POST /v1.0/{project_id}/kms/describe-key", false, "kms:cmk:get", false, (*Server).describeKey},
+	{"list-keys", "POST /v1.0/{project_id}/kms/list-keys", false, "kms:cmk:list", false, (*Server).listKeys},
+	{"get-publickey", "POST /v1.0/{project_id}/kms/get-publickey", false, "kms:cmk:getPublicKey", false, (*Server).getPublicKey},
+	{"enable-key", "POST /v1.0/{project_id}/kms/enable-key", false, "kms:cmk:enable", true, (*Server).enableKey},
+	{"disable-key", "POST /v1.0/{project_id}/kms/disable-key", false, "kms:cmk:disable", true, (*Server).disableKey},
+	{"schedule-key-deletion", "POST /v1.0/{project_id}/kms/schedule-key-deletion", false, "kms:cmk:update", true, (*Server).scheduleKeyDeletion},
+	{"cancel-key-deletion", "POST /v1.0/{project_id}/kms/cancel-key-deletion", false, "kms:cmk:update", true, (*Server).cancelKeyDeletion},
+	{"encrypt-data", "POST /v1.0/{project_id}/kms/encrypt-data", true, "kms:cmk:encrypt", false, (*Server).encryptData},
+	{"decrypt-data", "POST /v1.0/{project_id}/kms/decrypt-data", true, "kms:cmk:decrypt", false, (*Server).decryptData},
+	{"create-datakey", "POST /v1.0/{project_id}/kms/create-datakey", true, "kms:dek:create", false, (*Server).createDatakey},
+	{"create-datakey-without-plaintext", "POST /v1.0/{project_id}/kms/create-datakey-without-plaintext", true, "kms:dek:create", false, (*Server).createDatakeyWithoutPlaintext},
+	{"encrypt-datakey", "POST /v1.0/{project_id}/kms/encrypt-datakey", true, "kms:dek:crypto", false, (*Server).encryptDatakey},
+	{"decrypt-datakey", "POST /v1.0/{project_id}/kms/decrypt-datakey", true, "kms:dek:crypto", false, (*Server).decryptDatakey},
+	{"sign", "POST /v1.0/{project_id}/kms/sign", true, "kms:cmk:sign", false, (*Server).sign},
+	{"verify", "POST /v1.0/{project_id}/kms/verify", true, "kms:cmk:verify", false, (*Server).verify},
+	{"gen-random", "POST /v1.0/{project_id}/kms/gen-random", true, "kms:cmk:generate", false, (*Server).genRandom},
 }
 
 // NewServer builds the routes.
 func NewServer(cfg Config) *Server {
 	s := &Server{
 		svc: cfg.Service, auth: cfg.Auth, metrics: cfg.Metrics,
-		log: cfg.Log, region: cfg.Region, trusted: cfg.Trusted, timeout: cfg.RequestTimeout, mux: http.NewServeMux(),
+		log: cfg.Log, region: cfg.Region, trusted: cfg.Trusted, mux: http.NewServeMux(),
 	}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
-	if s.timeout <= 0 {
-		s.timeout = 5 * time.Second
-	}
 	for _, rt := range routes {
-		s.mux.Handle(rt.pattern, s.apiCall(rt))
+		s.mux.Handle(rt.pattern, s.apiCall(rt, cfg.timeout(rt)))
 	}
 	s.mux.HandleFunc("GET /healthz", s.healthz)
 	s.mux.HandleFunc("GET /readyz", s.readyz)
@@ -146,8 +152,39 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // SetDraining makes /readyz fail, so load balancers stop sending work before shutdown.
 func (s *Server) SetDraining() { s.draining.Store(true) }
 
+// Default deadlines, where the configuration gives none.
+const (
+	defaultRequestTimeout      = 5 * time.Second
+	defaultKeyOperationTimeout = 250 * time.Millisecond
+	// Key generation of RSA-4096 takes seconds on a software token.
+	defaultCreateKeyTimeout = 20 * time.Second
+)
+
+// timeout is the deadline of rt's requests.
+func (c Config) timeout(rt route) time.Duration {
+	if d, ok := c.RouteTimeouts[rt.name]; ok && d > 0 {
+		return d
+	}
+	switch {
+	case rt.dataPlane:
+		return cmp.Or(c.KeyOperationTimeout, defaultKeyOperationTimeout)
+	case rt.name == "create-key":
+		return max(cmp.Or(c.RequestTimeout, defaultRequestTimeout), defaultCreateKeyTimeout)
+	}
+	return cmp.Or(c.RequestTimeout, defaultRequestTimeout)
+}
+
+// RouteNames lists the route names RouteTimeouts may use.
+func RouteNames() []string {
+	names := make([]string, len(routes))
+	for i, rt := range routes {
+		names[i] = rt.name
+	}
+	return names
+}
+
 // apiCall wraps an API handler: deadline, authentication, authorisation, audit line, errors.
-func (s *Server) apiCall(rt route) http.Handler {
+func (s *Server) apiCall(rt route, timeout time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		note := &auditNote{keystore: r.PathValue("keystore_id")}
@@ -157,7 +194,7 @@ func (s *Server) apiCall(rt route) http.Handler {
 			hold = &replayHold{}
 			ctx = context.WithValue(ctx, replayGuardKey{}, hold)
 		}
-		ctx, cancel := context.WithTimeout(ctx, s.timeout)
+		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		r = r.WithContext(ctx)
 		who, err := s.authorize(r, rt.action)
