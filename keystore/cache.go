@@ -1,22 +1,62 @@
 package keystore
 
-import "sync"
+import (
+	"sync"
+	"time"
+)
 
-// cache is a map safe for concurrent use: the hot path reads key and keystore rows from it
-// instead of the store. A writer drops the entry before and after its store write; a reader
-// that missed caches what it read only if no drop happened since it looked (version), so a
-// read that raced a write never re-caches the old row.
+// cache holds key and keystore rows for the hot path, so a key operation reads no store.
+//
+// Its bounds are what replicas and outages see:
+//   - an entry is fresh for ttl after it was read; a change made by another daemon on the
+//     same database takes effect here within ttl (default 1 s);
+//   - when the store cannot be read, an entry read less than maxStale ago (default 30 s)
+//     is used anyway, so keys already known keep working through a short database outage;
+//     past that the operation fails with 503. A disabled keystore or key is therefore never
+//     used more than maxStale after the change on another replica, and never after it on
+//     this one.
+//
+// This daemon's own writes drop the entry before and after the store write; a reader that
+// missed caches what it read only if no drop happened since it looked (version), so a read
+// that raced a write never re-caches the old row. A short-lived cache rather than LISTEN/
+// NOTIFY: it needs no extra connection, no reconnect logic, and works the same on SQLite;
+// its bound holds even when notifications would be lost.
 type cache[V any] struct {
+	ttl, maxStale time.Duration
+
 	mu  sync.RWMutex
-	m   map[string]V
+	m   map[string]entry[V]
 	gen map[string]uint64
 }
 
-func (c *cache[V]) get(id string) (V, bool) {
+type entry[V any] struct {
+	v  V
+	at time.Time
+}
+
+// Defaults of the cache bounds.
+const (
+	DefaultCacheTTL = time.Second
+	DefaultMaxStale = 30 * time.Second
+)
+
+// lookup returns id's entry if it is fresh at now. stale is set to an entry too old to
+// serve normally but young enough to serve while the store is down.
+func (c *cache[V]) lookup(id string, now time.Time) (v V, fresh bool, stale *V) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	v, ok := c.m[id]
-	return v, ok
+	e, ok := c.m[id]
+	if !ok {
+		return v, false, nil
+	}
+	age := now.Sub(e.at)
+	switch {
+	case age < c.ttl:
+		return e.v, true, nil
+	case age < c.maxStale:
+		return v, false, &e.v
+	}
+	return v, false, nil
 }
 
 // version returns id's drop count, to pass to putIf after reading the store.
@@ -26,27 +66,27 @@ func (c *cache[V]) version(id string) uint64 {
 	return c.gen[id]
 }
 
-// put caches v for id unconditionally: for the writer of the row.
-func (c *cache[V]) put(id string, v V) {
+// put caches v for id, read at now, unconditionally: for the writer of the row.
+func (c *cache[V]) put(id string, v V, now time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.m == nil {
-		c.m = map[string]V{}
-	}
-	c.m[id] = v
+	c.putLocked(id, v, now)
 }
 
 // putIf caches v for id if id was not dropped since version returned ver.
-func (c *cache[V]) putIf(id string, v V, ver uint64) {
+func (c *cache[V]) putIf(id string, v V, now time.Time, ver uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.gen[id] != ver {
-		return
+	if c.gen[id] == ver {
+		c.putLocked(id, v, now)
 	}
+}
+
+func (c *cache[V]) putLocked(id string, v V, now time.Time) {
 	if c.m == nil {
-		c.m = map[string]V{}
+		c.m = map[string]entry[V]{}
 	}
-	c.m[id] = v
+	c.m[id] = entry[V]{v, now}
 }
 
 func (c *cache[V]) drop(id string) {
@@ -57,4 +97,25 @@ func (c *cache[V]) drop(id string) {
 		c.gen = map[string]uint64{}
 	}
 	c.gen[id]++
+}
+
+// read returns id's row: fresh from the cache, else from fetch (caching rows keep says
+// may be cached), else, when fetch fails, a stale entry within maxStale.
+func (c *cache[V]) read(id string, now time.Time, fetch func() (V, error), keep func(V) bool) (V, error) {
+	v, fresh, stale := c.lookup(id, now)
+	if fresh {
+		return v, nil
+	}
+	ver := c.version(id)
+	v, err := fetch()
+	if err == nil {
+		if keep(v) {
+			c.putIf(id, v, now, ver)
+		}
+		return v, nil
+	}
+	if stale != nil && !isNotFound(err) {
+		return *stale, nil
+	}
+	return v, err
 }

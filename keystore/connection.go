@@ -136,7 +136,7 @@ type ClusterReadiness struct {
 func (s *Service) Readiness(ctx context.Context) ([]ClusterReadiness, error) {
 	rows, err := s.store.AllKeystores(ctx)
 	if err != nil {
-		return nil, &Error{Kind: KindInternal, Msg: "readiness: store failed", Err: err}
+		return nil, storeError("readiness", err)
 	}
 	var out []ClusterReadiness
 	for _, k := range rows {

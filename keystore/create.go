@@ -85,7 +85,7 @@ func (s *Service) CreateKeystore(ctx context.Context, who Caller, req CreateRequ
 		case errors.Is(err, store.ErrClusterBound):
 			return Created{}, newError(KindClusterBound, "HSM cluster %q is already bound to a keystore", clusterID)
 		}
-		return Created{}, &Error{Kind: KindInternal, Msg: "create keystore: store failed", Err: err}
+		return Created{}, storeError("create keystore", err)
 	}
 	if err := s.bind(ctx, cl, row, ca); err != nil {
 		// Undo the claim on a context of its own: the request's may be what ended.
@@ -132,7 +132,7 @@ func (s *Service) bind(ctx context.Context, cl Cluster, row store.Keystore, ca *
 		return hsmError("write the keystore marker on the token", err)
 	}
 	if err := s.store.SetKeystoreState(ctx, row.ID, store.StateCreating, store.StateDisabled, s.now()); err != nil {
-		return &Error{Kind: KindInternal, Msg: "create keystore: store failed", Err: err}
+		return storeError("create keystore", err)
 	}
 	return nil
 }

@@ -44,7 +44,7 @@ func (s *Service) usableKey(ctx context.Context, who Caller, id, usage string) (
 	}
 	ks, err := s.keystoreRow(ctx, k.KeystoreID)
 	if err != nil {
-		return store.Key{}, Cluster{}, &Error{Kind: KindInternal, Msg: "key operation: keystore of the key", Err: err}
+		return store.Key{}, Cluster{}, storeError("key operation: keystore of the key", err)
 	}
 	if ks.State != store.StateEnabled {
 		return store.Key{}, Cluster{}, newError(KindKeystoreDisabled, "keystore %s of key %s is disabled", ks.ID, id)
@@ -326,7 +326,7 @@ func (s *Service) Random(ctx context.Context, who Caller, n int) ([]byte, error)
 	}
 	rows, _, err := s.store.ListKeystores(ctx, who.DomainID, maxKeystoresScanned, 0)
 	if err != nil {
-		return nil, &Error{Kind: KindInternal, Msg: "gen-random: store failed", Err: err}
+		return nil, storeError("gen-random", err)
 	}
 	for _, ks := range rows {
 		if cl, ok := s.clusters[ks.ClusterID]; ok && ks.State == store.StateEnabled {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/hsmbridge/hsmbridge/hsm"
+	"github.com/hsmbridge/hsmbridge/keystore/store"
 )
 
 // Kind is what went wrong, in the API's terms. keystore/api maps each Kind to an HTTP status
@@ -28,6 +29,7 @@ const (
 	KindHSMUnavailable               // the cluster failed (device, session, login or credential)
 	KindHSMTimeout                   // no HSM session came free in time
 	KindHSMBreakerOpen               // the cluster refuses work until it recovers (fails fast)
+	KindStoreUnavailable             // the metadata store failed or cannot be reached
 	KindHSMFailure                   // the HSM refused in a way we did not expect
 
 	// Keys.
@@ -107,6 +109,14 @@ func KindOf(err error) Kind {
 		return e.Kind
 	}
 	return KindInternal
+}
+
+func isNotFound(err error) bool { return errors.Is(err, store.ErrNotFound) }
+
+// storeError is a failed store call: the database is down or unreachable, as far as the
+// caller can tell, so the call may be retried.
+func storeError(what string, err error) *Error {
+	return &Error{Kind: KindStoreUnavailable, Msg: what + ": the metadata store is unavailable; retry later", Err: err}
 }
 
 // hsmError turns a failed HSM call into an *Error, by the class hsm gave it.

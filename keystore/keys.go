@@ -118,7 +118,7 @@ func (s *Service) CreateKey(ctx context.Context, who Caller, req CreateKeyReques
 		case errors.Is(err, store.ErrStateConflict):
 			return store.Key{}, newError(KindKeystoreDisabled, "keystore %s is disabled", req.KeystoreID)
 		}
-		return store.Key{}, &Error{Kind: KindInternal, Msg: "create key: store failed", Err: err}
+		return store.Key{}, storeError("create key", err)
 	}
 	pubDER, err := s.generate(ctx, cl, k.ID, spec, usage)
 	if err == nil {
@@ -129,7 +129,7 @@ func (s *Service) CreateKey(ctx context.Context, who Caller, req CreateKeyReques
 		k.PublicKey, k.State = pubDER, store.KeyEnabled
 		err = s.store.ActivateKey(saveCtx, k.ID, pubDER, s.now())
 		if err != nil {
-			err = &Error{Kind: KindInternal, Msg: "create key: store failed", Err: err}
+			err = storeError("create key", err)
 		}
 	}
 	if err != nil {
@@ -140,7 +140,7 @@ func (s *Service) CreateKey(ctx context.Context, who Caller, req CreateKeyReques
 		}
 		return store.Key{}, err
 	}
-	s.keys.put(k.ID, k)
+	s.keys.put(k.ID, k, s.now())
 	return k, nil
 }
 
@@ -267,20 +267,14 @@ func (s *Service) callerKey(ctx context.Context, who Caller, id string) (store.K
 	if !keyIDRE.MatchString(id) {
 		return store.Key{}, newError(KindInvalidKeyID, "key_id must be a UUID")
 	}
-	k, ok := s.keys.get(id)
-	if !ok {
-		ver := s.keys.version(id)
-		var err error
-		k, err = s.store.GetKey(ctx, id)
-		switch {
-		case errors.Is(err, store.ErrNotFound):
-			return store.Key{}, newError(KindKeyNotFound, "key %s does not exist", id)
-		case err != nil:
-			return store.Key{}, &Error{Kind: KindInternal, Msg: "get key: store failed", Err: err}
-		}
-		if k.State != store.KeyCreating {
-			s.keys.putIf(id, k, ver)
-		}
+	k, err := s.keys.read(id, s.now(),
+		func() (store.Key, error) { return s.store.GetKey(ctx, id) },
+		func(k store.Key) bool { return k.State != store.KeyCreating })
+	switch {
+	case isNotFound(err):
+		return store.Key{}, newError(KindKeyNotFound, "key %s does not exist", id)
+	case err != nil:
+		return store.Key{}, storeError("get key", err)
 	}
 	if k.DomainID != who.DomainID || k.State == store.KeyCreating {
 		return store.Key{}, newError(KindKeyNotFound, "key %s does not exist", id)
@@ -292,7 +286,7 @@ func (s *Service) callerKey(ctx context.Context, who Caller, id string) (store.K
 func (s *Service) ListKeys(ctx context.Context, who Caller, f store.KeyFilter, limit, offset int) ([]store.Key, int, error) {
 	keys, total, err := s.store.ListKeys(ctx, who.DomainID, f, limit, offset)
 	if err != nil {
-		return nil, 0, &Error{Kind: KindInternal, Msg: "list keys: store failed", Err: err}
+		return nil, 0, storeError("list keys", err)
 	}
 	return keys, total, nil
 }
@@ -350,7 +344,7 @@ func (s *Service) keyTransition(ctx context.Context, who Caller, id string, from
 	case errors.Is(err, store.ErrStateConflict):
 		return store.Key{}, newError(KindKeyStateConflict, "key %s changed state meanwhile; read it again", id)
 	case err != nil:
-		return store.Key{}, &Error{Kind: KindInternal, Msg: "change key state: store failed", Err: err}
+		return store.Key{}, storeError("change key state", err)
 	}
 	k.State, k.UpdatedAt, k.DeletionAt = to, now, deletionAt
 	return k, nil

@@ -35,7 +35,7 @@ var idRE = regexp.MustCompile(`^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-
 func (s *Service) ListKeystores(ctx context.Context, who Caller, limit, offset int) ([]View, int, error) {
 	rows, total, err := s.store.ListKeystores(ctx, who.DomainID, limit, offset)
 	if err != nil {
-		return nil, 0, &Error{Kind: KindInternal, Msg: "list keystores: store failed", Err: err}
+		return nil, 0, storeError("list keystores", err)
 	}
 	views := make([]View, len(rows))
 	for i, k := range rows {
@@ -71,7 +71,7 @@ func (s *Service) lookup(ctx context.Context, who Caller, id string) (store.Keys
 	case errors.Is(err, store.ErrNotFound):
 		return store.Keystore{}, newError(KindKeystoreNotFound, "keystore %s does not exist", id)
 	case err != nil:
-		return store.Keystore{}, &Error{Kind: KindInternal, Msg: "get keystore: store failed", Err: err}
+		return store.Keystore{}, storeError("get keystore", err)
 	case k.DomainID != who.DomainID, k.State == store.StateCreating, k.State == store.StateDeleting:
 		return store.Keystore{}, newError(KindKeystoreNotFound, "keystore %s does not exist", id)
 	}
@@ -80,15 +80,9 @@ func (s *Service) lookup(ctx context.Context, who Caller, id string) (store.Keys
 
 // keystoreRow returns the row id from the cache, or from the store, caching live rows.
 func (s *Service) keystoreRow(ctx context.Context, id string) (store.Keystore, error) {
-	if k, ok := s.keystores.get(id); ok {
-		return k, nil
-	}
-	ver := s.keystores.version(id)
-	k, err := s.store.GetKeystore(ctx, id)
-	if err == nil && (k.State == store.StateEnabled || k.State == store.StateDisabled) {
-		s.keystores.putIf(id, k, ver)
-	}
-	return k, err
+	return s.keystores.read(id, s.now(),
+		func() (store.Keystore, error) { return s.store.GetKeystore(ctx, id) },
+		func(k store.Keystore) bool { return k.State == store.StateEnabled || k.State == store.StateDisabled })
 }
 
 // EnableKeystore moves a DISABLED keystore to ENABLED, after checking that its cluster
@@ -130,7 +124,7 @@ func (s *Service) transition(ctx context.Context, k store.Keystore, from, to sto
 	case errors.Is(err, store.ErrNotFound):
 		return "", newError(KindKeystoreNotFound, "keystore %s does not exist", k.ID)
 	case err != nil:
-		return "", &Error{Kind: KindInternal, Msg: "change keystore state: store failed", Err: err}
+		return "", storeError("change keystore state", err)
 	}
 	return string(to), nil
 }
@@ -195,12 +189,12 @@ func (s *Service) DeleteKeystore(ctx context.Context, who Caller, id string) err
 	case errors.Is(err, store.ErrNotFound) || (err == nil && (k.DomainID != who.DomainID || k.State == store.StateCreating)):
 		return newError(KindKeystoreNotFound, "keystore %s does not exist", id)
 	case err != nil:
-		return &Error{Kind: KindInternal, Msg: "get keystore: store failed", Err: err}
+		return storeError("get keystore", err)
 	case k.State == store.StateEnabled:
 		return newError(KindStateConflict, "keystore %s is ENABLED; disable it before deleting it", id)
 	}
 	if n, err := s.store.CountKeys(ctx, id); err != nil {
-		return &Error{Kind: KindInternal, Msg: "delete keystore: store failed", Err: err}
+		return storeError("delete keystore", err)
 	} else if n > 0 {
 		return newError(KindStateConflict, "keystore %s still holds %d keys; delete them first", id, n)
 	}

@@ -45,11 +45,24 @@ type Service struct {
 	keystores cache[store.Keystore]
 }
 
+// RepairGrace is how old a CREATING row must be before a repair that runs while daemons
+// serve removes it: longer than any create takes (create-key's deadline is 20 s).
+const RepairGrace = 2 * time.Minute
+
 // Option configures a Service.
 type Option func(*Service)
 
 // WithClock sets the clock (tests move it).
 func WithClock(now func() time.Time) Option { return func(s *Service) { s.now = now } }
+
+// WithCacheBounds sets how long rows read from the store are trusted (ttl), and how long
+// past that they still serve while the store cannot be read (maxStale); see cache.
+func WithCacheBounds(ttl, maxStale time.Duration) Option {
+	return func(s *Service) {
+		s.keys.ttl, s.keys.maxStale = ttl, maxStale
+		s.keystores.ttl, s.keystores.maxStale = ttl, maxStale
+	}
+}
 
 // WithLogger sets the logger for repairs and warnings.
 func WithLogger(l *slog.Logger) Option { return func(s *Service) { s.log = l } }
@@ -58,7 +71,9 @@ func WithLogger(l *slog.Logger) Option { return func(s *Service) { s.log = l } }
 func New(st store.Store, clusters []Cluster, opts ...Option) *Service {
 	s := &Service{
 		store: st, clusters: make(map[string]Cluster, len(clusters)), now: time.Now, log: slog.Default(),
-		health: health{probes: map[string]probe{}, mismatched: map[string]bool{}},
+		health:    health{probes: map[string]probe{}, mismatched: map[string]bool{}},
+		keys:      cache[store.Key]{ttl: DefaultCacheTTL, maxStale: DefaultMaxStale},
+		keystores: cache[store.Keystore]{ttl: DefaultCacheTTL, maxStale: DefaultMaxStale},
 	}
 	for _, c := range clusters {
 		s.clusters[c.ID()] = c

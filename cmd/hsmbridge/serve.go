@@ -97,7 +97,8 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 	svc := keystore.New(d.store, bound, keystore.WithLogger(log))
 	d.svc = svc
 	reg.MustRegister(api.NewPoolCollector(d.clusters), api.NewConnectionCollector(svc))
-	if err := svc.Reconcile(ctx); err != nil {
+	// Alone on its SQLite file, the daemon repairs everything at start-up.
+	if err := svc.Reconcile(ctx, 0); err != nil {
 		return nil, err
 	}
 	if d.auth, err = authSchemes(cfg.Auth, metrics); err != nil {
@@ -300,8 +301,8 @@ func (d *daemon) extraListeners() ([]served, error) {
 	return out, nil
 }
 
-// deletionSweep is how often keys whose pending deletion has come are destroyed. Pending
-// periods are days long, so a minute late is immaterial.
+// deletionSweep is how often keys whose pending deletion has come are destroyed, and
+// half-done work is repaired. Pending periods are days long, so a minute late is immaterial.
 const deletionSweep = time.Minute
 
 // sweepDeletions destroys due keys until ctx ends.
@@ -315,6 +316,11 @@ func (d *daemon) sweepDeletions(ctx context.Context) {
 		case <-t.C:
 			if _, err := d.svc.DestroyDueKeys(ctx); err != nil && ctx.Err() == nil {
 				d.log.Error("destroying keys due for deletion", "err", err)
+			}
+			// What a request left half-done (a failed undo) is repaired without a restart,
+			// once it is old enough not to be a create still in flight.
+			if err := d.svc.Reconcile(ctx, keystore.RepairGrace); err != nil && ctx.Err() == nil {
+				d.log.Error("periodic repair", "err", err)
 			}
 		}
 	}

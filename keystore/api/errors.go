@@ -35,6 +35,7 @@ var kindErrors = map[keystore.Kind]wireError{
 	keystore.KindHSMUnavailable:   {http.StatusBadGateway, "KMS.0102", "the HSM cluster is unavailable"},
 	keystore.KindHSMTimeout:       {http.StatusGatewayTimeout, "KMS.0103", "the HSM cluster did not answer in time"},
 	keystore.KindHSMBreakerOpen:   {http.StatusServiceUnavailable, "KMS.0104", "the HSM cluster is unavailable"},
+	keystore.KindStoreUnavailable: {http.StatusServiceUnavailable, "KMS.0104", "the metadata store is unavailable"},
 	keystore.KindHSMFailure:       {http.StatusInternalServerError, "KMS.0101", "the HSM cluster failed"},
 
 	keystore.KindInvalidKeyID:           {http.StatusBadRequest, "KMS.0205", "invalid key ID"},

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"reflect"
 	"slices"
 	"sort"
@@ -579,6 +578,52 @@ func testStoreKeys(t *testing.T, open func(t *testing.T) Store) {
 		}
 	})
 
+	// Violations of the keys CHECK constraints are caller bugs, not sentinels.
+	t.Run("KeyCheckConstraintsNotMapped", func(t *testing.T) {
+		s, kss := withKeystores(t, 1)
+		bogus := newKey(1, kss[0].ID)
+		bogus.State = "BOGUS"
+		pending := newKey(2, kss[0].ID)
+		pending.State = KeyPendingDeletion // without DeletionAt
+		for _, k := range []Key{bogus, pending} {
+			err := s.CreateKey(ctx, k)
+			if err == nil {
+				t.Fatalf("CreateKey(%s, state %s) succeeded", k.ID, k.State)
+			}
+			for _, sentinel := range append(keySentinels, ErrKeystoreHasKeys, ErrStateConflict) {
+				if errors.Is(err, sentinel) {
+					t.Fatalf("CreateKey = %v, mapped to %v", err, sentinel)
+				}
+			}
+		}
+	})
+
+	t.Run("KeyListOrderingIsBytewise", func(t *testing.T) {
+		s, kss := withKeystores(t, 1)
+		want := []string{"B", "Z", "_", "a", "b", "~a", "é"}
+		for i, id := range []string{"é", "b", "_", "~a", "Z", "a", "B"} {
+			k := newKey(i, kss[0].ID)
+			k.ID = id
+			mustCreateKey(t, s, k)
+		}
+		for i, alias := range []string{"Case", "case", "CASE"} {
+			k := newKey(10+i, kss[0].ID)
+			k.Alias = alias
+			k.DomainID = "domain-b"
+			mustCreateKey(t, s, k)
+		}
+		got, total, err := s.ListKeys(ctx, "domain-a", KeyFilter{}, 100, 0)
+		if err != nil || total != len(want) || !slices.Equal(keyIDs(got), want) {
+			t.Fatalf("ListKeys = %q, %d, %v; want %q, %d", keyIDs(got), total, err, want, len(want))
+		}
+		all, err := s.AllKeys(ctx)
+		wantAll := append(slices.Clone(want), newKey(10, "").ID, newKey(11, "").ID, newKey(12, "").ID)
+		slices.Sort(wantAll)
+		if err != nil || !slices.Equal(keyIDs(all), wantAll) {
+			t.Fatalf("AllKeys = %q, %v; want %q", keyIDs(all), err, wantAll)
+		}
+	})
+
 	t.Run("KeysCancelledContext", func(t *testing.T) {
 		s, kss := withKeystores(t, 2)
 		k := newKey(1, kss[0].ID)
@@ -620,26 +665,4 @@ func testStoreKeys(t *testing.T, open func(t *testing.T) Store) {
 			t.Fatalf("AllKeys = %v, %v; want only %s", keyIDs(all), err, k.ID)
 		}
 	})
-}
-
-// Violations of the keys CHECK constraints are caller bugs, not sentinels.
-func TestSQLiteKeyCheckConstraintsNotMapped(t *testing.T) {
-	ctx := context.Background()
-	s := openTestSQLite(t, filepath.Join(t.TempDir(), "hsmbridge.db"))
-	mustCreate(t, s, newKeystore(1))
-	bogus := newKey(1, newKeystore(1).ID)
-	bogus.State = "BOGUS"
-	pending := newKey(2, newKeystore(1).ID)
-	pending.State = KeyPendingDeletion // without DeletionAt
-	for _, k := range []Key{bogus, pending} {
-		err := s.CreateKey(ctx, k)
-		if err == nil {
-			t.Fatalf("CreateKey(%s, state %s) succeeded", k.ID, k.State)
-		}
-		for _, sentinel := range append(keySentinels, ErrKeystoreHasKeys) {
-			if errors.Is(err, sentinel) {
-				t.Fatalf("CreateKey = %v, mapped to %v", err, sentinel)
-			}
-		}
-	}
 }

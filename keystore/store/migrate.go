@@ -20,9 +20,15 @@ var migrationsFS embed.FS
 // dialect is what the migration runner needs to know about one SQL backend.
 // Each backend keeps its own migrations under migrations/<dir>/ named
 // NNNN_description.sql, so schemas can differ in types while keeping the same
-// version numbers.
+// version numbers. Queries are written in the backend's own placeholder style
+// (? or $1).
 type dialect struct {
 	dir string
+	// lock, if not empty, runs first in every migration transaction and
+	// holds until it ends, serialising migrators across processes
+	// (PostgreSQL: a transaction-scoped advisory lock). SQLite needs none:
+	// its transactions begin with the write lock (BEGIN IMMEDIATE).
+	lock string
 	// createTable creates schema_migrations if it does not exist.
 	createTable string
 	// isApplied counts rows with version = first argument.
@@ -31,6 +37,23 @@ type dialect struct {
 	maxVersion string
 	// record inserts (version, applied_at epoch ms).
 	record string
+}
+
+// migrationDB is what the runner drives: database/sql for SQLite, a pgx pool
+// for PostgreSQL.
+type migrationDB interface {
+	begin(ctx context.Context) (migrationTx, error)
+}
+
+// migrationTx is one transaction of the runner.
+type migrationTx interface {
+	exec(ctx context.Context, query string, args ...any) error
+	// queryInt reads the single integer column of the single row query
+	// returns; ok is false if it is NULL.
+	queryInt(ctx context.Context, query string, args ...any) (v int64, ok bool, err error)
+	commit(ctx context.Context) error
+	// rollback ends the transaction; nil if it has already ended.
+	rollback(ctx context.Context) error
 }
 
 type migration struct {
@@ -74,68 +97,117 @@ func loadMigrations(fsys fs.FS, dir string) ([]migration, error) {
 // migrate applies every migration of d not yet recorded in schema_migrations,
 // each in its own transaction together with its record, so a failure leaves
 // the schema at the last complete version. The applied check runs inside the
-// transaction; backends must make that transaction exclusive for writers
-// (SQLite: BEGIN IMMEDIATE) so two processes opening at once cannot both
-// apply the same version.
-func migrate(ctx context.Context, db *sql.DB, d dialect) error {
+// transaction, after d.lock; backends must make that transaction exclusive
+// for migrators (SQLite: BEGIN IMMEDIATE; PostgreSQL: the advisory lock) so
+// two processes opening at once cannot both apply the same version.
+func migrate(ctx context.Context, db migrationDB, d dialect) error {
 	ms, err := loadMigrations(migrationsFS, path.Join("migrations", d.dir))
 	if err != nil {
 		return err
 	}
-	if _, err := db.ExecContext(ctx, d.createTable); err != nil {
-		return fmt.Errorf("store: create schema_migrations: %w", err)
+	// Creating the table is serialised too: concurrent CREATE TABLE IF NOT
+	// EXISTS can fail in PostgreSQL.
+	var maxApplied int64
+	var anyApplied bool
+	err = inTx(ctx, db, d, func(tx migrationTx) error {
+		if err := tx.exec(ctx, d.createTable); err != nil {
+			return fmt.Errorf("store: create schema_migrations: %w", err)
+		}
+		var err error
+		if maxApplied, anyApplied, err = tx.queryInt(ctx, d.maxVersion); err != nil {
+			return fmt.Errorf("store: read schema version: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	// A binary older than the database would run against a schema it does
 	// not know; refuse rather than guess.
-	var maxApplied sql.NullInt64
-	if err := db.QueryRowContext(ctx, d.maxVersion).Scan(&maxApplied); err != nil {
-		return fmt.Errorf("store: read schema version: %w", err)
-	}
-	if latest := ms[len(ms)-1].version; maxApplied.Valid && maxApplied.Int64 > int64(latest) {
-		return fmt.Errorf("store: database schema version %d is newer than this binary's %d", maxApplied.Int64, latest)
+	if latest := ms[len(ms)-1].version; anyApplied && maxApplied > int64(latest) {
+		return fmt.Errorf("store: database schema version %d is newer than this binary's %d", maxApplied, latest)
 	}
 	for _, m := range ms {
-		if err := applyMigration(ctx, db, d, m); err != nil {
+		err := inTx(ctx, db, d, func(tx migrationTx) error {
+			n, _, err := tx.queryInt(ctx, d.isApplied, m.version)
+			if err != nil {
+				return fmt.Errorf("check applied: %w", err)
+			}
+			if n > 0 {
+				return nil
+			}
+			if err := tx.exec(ctx, m.sql); err != nil {
+				return fmt.Errorf("apply: %w", err)
+			}
+			if err := tx.exec(ctx, d.record, m.version, time.Now().UnixMilli()); err != nil {
+				return fmt.Errorf("record: %w", err)
+			}
+			return nil
+		})
+		if err != nil {
 			return fmt.Errorf("store: migration %s: %w", m.name, err)
 		}
 	}
 	return nil
 }
 
-func applyMigration(ctx context.Context, db *sql.DB, d dialect, m migration) (err error) {
-	tx, err := db.BeginTx(ctx, nil)
+// inTx runs f in a transaction that first takes d.lock, committing if f
+// returns nil and rolling back otherwise.
+func inTx(ctx context.Context, db migrationDB, d dialect, f func(tx migrationTx) error) (err error) {
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}
 	defer func() {
 		if err != nil {
-			err = errors.Join(err, ignoreDone(tx.Rollback()))
+			err = errors.Join(err, tx.rollback(ctx))
 		}
 	}()
-	var n int
-	if err := tx.QueryRowContext(ctx, d.isApplied, m.version).Scan(&n); err != nil {
-		return fmt.Errorf("check applied: %w", err)
+	if d.lock != "" {
+		if err := tx.exec(ctx, d.lock); err != nil {
+			return fmt.Errorf("lock: %w", err)
+		}
 	}
-	if n > 0 {
-		return tx.Rollback()
+	if err := f(tx); err != nil {
+		return err
 	}
-	if _, err := tx.ExecContext(ctx, m.sql); err != nil {
-		return fmt.Errorf("apply: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, d.record, m.version, time.Now().UnixMilli()); err != nil {
-		return fmt.Errorf("record: %w", err)
-	}
-	if err := tx.Commit(); err != nil {
+	if err := tx.commit(ctx); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
 	return nil
 }
 
-// ignoreDone drops the error Rollback returns after a failed Commit already
-// ended the transaction.
-func ignoreDone(err error) error {
-	if errors.Is(err, sql.ErrTxDone) {
-		return nil
+// sqlMigrationDB runs the migrations through database/sql.
+type sqlMigrationDB struct{ db *sql.DB }
+
+func (m sqlMigrationDB) begin(ctx context.Context) (migrationTx, error) {
+	tx, err := m.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
 	}
+	return sqlMigrationTx{tx}, nil
+}
+
+type sqlMigrationTx struct{ tx *sql.Tx }
+
+func (t sqlMigrationTx) exec(ctx context.Context, query string, args ...any) error {
+	_, err := t.tx.ExecContext(ctx, query, args...)
 	return err
+}
+
+func (t sqlMigrationTx) queryInt(ctx context.Context, query string, args ...any) (int64, bool, error) {
+	var v sql.NullInt64
+	err := t.tx.QueryRowContext(ctx, query, args...).Scan(&v)
+	return v.Int64, v.Valid, err
+}
+
+func (t sqlMigrationTx) commit(context.Context) error { return t.tx.Commit() }
+
+// rollback drops the error Rollback returns after a failed Commit already
+// ended the transaction.
+func (t sqlMigrationTx) rollback(context.Context) error {
+	if err := t.tx.Rollback(); !errors.Is(err, sql.ErrTxDone) {
+		return err
+	}
+	return nil
 }

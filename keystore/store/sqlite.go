@@ -72,7 +72,7 @@ func OpenSQLite(ctx context.Context, path string) (*SQLite, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store: open sqlite %s: %w", path, err)
 	}
-	if err := migrate(ctx, db, sqliteDialect); err != nil {
+	if err := migrate(ctx, sqlMigrationDB{db}, sqliteDialect); err != nil {
 		return nil, errors.Join(fmt.Errorf("store: open sqlite %s: %w", path, err), db.Close())
 	}
 	return &SQLite{db: db}, nil

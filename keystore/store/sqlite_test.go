@@ -405,6 +405,52 @@ func testStore(t *testing.T, open func(t *testing.T) Store) {
 		}
 	})
 
+	// Text compares bytewise in every backend, as Go strings do: ids order
+	// by bytes and aliases differing only in case are distinct.
+	t.Run("ListOrderingIsBytewise", func(t *testing.T) {
+		s := open(t)
+		want := []string{"B", "Z", "_", "a", "b", "~a", "é"}
+		for i, id := range []string{"é", "b", "_", "~a", "Z", "a", "B"} {
+			k := newKeystore(i)
+			k.ID = id
+			mustCreate(t, s, k)
+		}
+		for i, alias := range []string{"Case", "case", "CASE"} {
+			k := newKeystore(10 + i)
+			k.Alias = alias
+			k.State = StateCreating // not listed
+			mustCreate(t, s, k)
+		}
+		if !slices.IsSorted(want) {
+			t.Fatalf("test bug: %q not in Go string order", want)
+		}
+		got, total, err := s.ListKeystores(ctx, "domain-a", 100, 0)
+		if err != nil || total != len(want) || !slices.Equal(ids(got), want) {
+			t.Fatalf("ListKeystores = %q, %d, %v; want %q, %d", ids(got), total, err, want, len(want))
+		}
+		page, _, err := s.ListKeystores(ctx, "domain-a", 2, 2)
+		if err != nil || !slices.Equal(ids(page), want[2:4]) {
+			t.Fatalf("ListKeystores(limit 2, offset 2) = %q, %v; want %q", ids(page), err, want[2:4])
+		}
+	})
+
+	// A violation of a constraint other than the unique ones is a caller
+	// bug, not a sentinel.
+	t.Run("CheckConstraintNotMapped", func(t *testing.T) {
+		s := open(t)
+		k := newKeystore(1)
+		k.State = "BOGUS"
+		err := s.CreateKeystore(ctx, k)
+		if err == nil {
+			t.Fatal("CreateKeystore with invalid state succeeded")
+		}
+		for _, sentinel := range []error{ErrDuplicateAlias, ErrClusterBound, ErrDuplicateID, ErrNotFound, ErrStateConflict} {
+			if errors.Is(err, sentinel) {
+				t.Fatalf("CreateKeystore = %v, mapped to %v", err, sentinel)
+			}
+		}
+	})
+
 	testStoreKeys(t, open)
 }
 
@@ -538,23 +584,6 @@ func TestUniqueViolationFromMessage(t *testing.T) {
 	for _, tc := range tests {
 		if got := uniqueViolationFromMessage(tc.msg); got != tc.want {
 			t.Errorf("uniqueViolationFromMessage(%q) = %v, want %v", tc.msg, got, tc.want)
-		}
-	}
-}
-
-// A violation of a constraint other than the unique ones must not be
-// reported as a sentinel.
-func TestSQLiteCheckConstraintNotMapped(t *testing.T) {
-	s := openTestSQLite(t, filepath.Join(t.TempDir(), "hsmbridge.db"))
-	k := newKeystore(1)
-	k.State = "BOGUS"
-	err := s.CreateKeystore(context.Background(), k)
-	if err == nil {
-		t.Fatal("CreateKeystore with invalid state succeeded")
-	}
-	for _, sentinel := range []error{ErrDuplicateAlias, ErrClusterBound, ErrDuplicateID} {
-		if errors.Is(err, sentinel) {
-			t.Fatalf("CreateKeystore = %v, mapped to %v", err, sentinel)
 		}
 	}
 }
