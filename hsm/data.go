@@ -79,18 +79,7 @@ func (c *Cluster) DataObjects(ctx context.Context) ([]DataObject, error) {
 // DestroyData removes every data object of ours with label. Removing one that is not there
 // is not an error: repair after a crash may run it twice.
 func (c *Cluster) DestroyData(ctx context.Context, label string) error {
-	err := exec(ctx, c, true, func(s *Session) error {
-		hs, err := s.find(dataTemplate(label), 0)
-		if err != nil {
-			return err
-		}
-		for _, h := range hs {
-			if err := s.destroyObject(h); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	err := exec(ctx, c, true, func(s *Session) error { return s.destroyAll(dataTemplate(label)) })
 	if err != nil {
 		return fmt.Errorf("cluster %s: destroy data object %q: %w", c.id, label, err)
 	}

@@ -237,16 +237,7 @@ func readECPublic(s *Session, h pkcs11.ObjectHandle, curve elliptic.Curve) (cryp
 func (c *Cluster) DestroyKey(ctx context.Context, id string) error {
 	c.handles.drop(id)
 	err := exec(ctx, c, true, func(s *Session) error {
-		hs, err := s.find([]*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(id))}, 0)
-		if err != nil {
-			return err
-		}
-		for _, h := range hs {
-			if err := s.destroyObject(h); err != nil {
-				return err
-			}
-		}
-		return nil
+		return s.destroyAll([]*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(id))})
 	})
 	if err != nil {
 		return fmt.Errorf("cluster %s: destroy key %s: %w", c.id, id, err)

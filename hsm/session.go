@@ -84,6 +84,20 @@ func (s *Session) destroyObject(o pkcs11.ObjectHandle) error {
 	return opErr(s.cluster, "C_DestroyObject", s.api.DestroyObject(s.h, o))
 }
 
+// destroyAll destroys every object matching template.
+func (s *Session) destroyAll(template []*pkcs11.Attribute) error {
+	hs, err := s.find(template, 0)
+	if err != nil {
+		return err
+	}
+	for _, h := range hs {
+		if err := s.destroyObject(h); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (s *Session) sign(key pkcs11.ObjectHandle, mech uint, data []byte) ([]byte, error) {
 	if err := s.api.SignInit(s.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, key); err != nil {
 		return nil, opErr(s.cluster, "C_SignInit", err)

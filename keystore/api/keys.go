@@ -356,18 +356,7 @@ func (s *Server) encryptDatakey(w http.ResponseWriter, r *http.Request, who keys
 	if err := decodeBody(w, r, &req); err != nil {
 		return err
 	}
-	if req.KeyID == "" || req.PlainText == "" || req.DatakeyPlainLength == "" {
-		return keystoreErr(keystore.KindMissingParameter, "key_id, plain_text and datakey_plain_length are required")
-	}
-	plain, err := hex.DecodeString(req.PlainText)
-	if err != nil {
-		return keystoreErr(keystore.KindDatakeyPlainText, "plain_text must be hex")
-	}
-	n, err := strconv.Atoi(req.DatakeyPlainLength)
-	if err != nil {
-		return keystoreErr(keystore.KindDatakeyLength, "datakey_plain_length must be a number of bytes")
-	}
-	aad, err := req.aad()
+	plain, n, aad, err := req.datakeyFields(req.PlainText, "plain_text", req.DatakeyPlainLength, "datakey_plain_length", keystore.KindDatakeyPlainText)
 	if err != nil {
 		return err
 	}
@@ -384,18 +373,7 @@ func (s *Server) decryptDatakey(w http.ResponseWriter, r *http.Request, who keys
 	if err := decodeBody(w, r, &req); err != nil {
 		return err
 	}
-	if req.KeyID == "" || req.CipherText == "" || req.DatakeyCipherLength == "" {
-		return keystoreErr(keystore.KindMissingParameter, "key_id, cipher_text and datakey_cipher_length are required")
-	}
-	sealed, err := hex.DecodeString(req.CipherText)
-	if err != nil {
-		return keystoreErr(keystore.KindDatakeyCipherText, "cipher_text must be hex")
-	}
-	n, err := strconv.Atoi(req.DatakeyCipherLength)
-	if err != nil {
-		return keystoreErr(keystore.KindDatakeyLength, "datakey_cipher_length must be a number of bytes")
-	}
-	aad, err := req.aad()
+	sealed, n, aad, err := req.datakeyFields(req.CipherText, "cipher_text", req.DatakeyCipherLength, "datakey_cipher_length", keystore.KindDatakeyCipherText)
 	if err != nil {
 		return err
 	}
@@ -406,6 +384,27 @@ func (s *Server) decryptDatakey(w http.ResponseWriter, r *http.Request, who keys
 	sum := sha256.Sum256(dek)
 	writeJSON(w, http.StatusOK, map[string]string{"data_key": upperHex(dek), "datakey_length": strconv.Itoa(len(dek)), "datakey_dgst": upperHex(sum[:])})
 	return nil
+}
+
+// datakeyFields reads the fields encrypt-datakey and decrypt-datakey share: the key id, a
+// hex text (badHex when it is not hex), a DEK length in bytes and the AAD.
+func (req *cryptoRequest) datakeyFields(text, textName, length, lengthName string, badHex keystore.Kind) ([]byte, int, []byte, error) {
+	if req.KeyID == "" || text == "" || length == "" {
+		return nil, 0, nil, keystoreErr(keystore.KindMissingParameter, "key_id, "+textName+" and "+lengthName+" are required")
+	}
+	b, err := hex.DecodeString(text)
+	if err != nil {
+		return nil, 0, nil, keystoreErr(badHex, textName+" must be hex")
+	}
+	n, err := strconv.Atoi(length)
+	if err != nil {
+		return nil, 0, nil, keystoreErr(keystore.KindDatakeyLength, lengthName+" must be a number of bytes")
+	}
+	aad, err := req.aad()
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	return b, n, aad, nil
 }
 
 func upperHex(b []byte) string { return strings.ToUpper(hex.EncodeToString(b)) }
