@@ -111,16 +111,16 @@ func migrate(ctx context.Context, db migrationDB, d dialect) error {
 	var anyApplied bool
 	err = inTx(ctx, db, d, func(tx migrationTx) error {
 		if err := tx.exec(ctx, d.createTable); err != nil {
-			return fmt.Errorf("store: create schema_migrations: %w", err)
+			return fmt.Errorf("create schema_migrations: %w", err)
 		}
 		var err error
 		if maxApplied, anyApplied, err = tx.queryInt(ctx, d.maxVersion); err != nil {
-			return fmt.Errorf("store: read schema version: %w", err)
+			return fmt.Errorf("read schema version: %w", err)
 		}
 		return nil
 	})
 	if err != nil {
-		return err
+		return fmt.Errorf("store: %w", err)
 	}
 	// A binary older than the database would run against a schema it does
 	// not know; refuse rather than guess.

@@ -40,10 +40,23 @@ type pgServer struct {
 	admin    *pgxpool.Pool
 }
 
+// unreachable remembers why the server could not be reached, so that the
+// tests after the first skip at once instead of waiting for their own timeouts.
+var unreachable struct {
+	sync.Mutex
+	where  string
+	reason error
+}
+
 // testPostgresServer connects to the test server for the duration of t, or
 // skips (fails, under HSMBRIDGE_REQUIRE_POSTGRES=1) if it cannot.
 func testPostgresServer(t *testing.T) *pgServer {
 	t.Helper()
+	unreachable.Lock()
+	defer unreachable.Unlock()
+	if unreachable.reason != nil {
+		skipPostgres(t, unreachable.where, unreachable.reason)
+	}
 	candidates := defaultAdminDSNs
 	where := "127.0.0.1:5432 (as root or postgres)"
 	if dsn := os.Getenv(envPostgresDSN); dsn != "" {
@@ -62,13 +75,31 @@ func testPostgresServer(t *testing.T) *pgServer {
 		}
 		errs = append(errs, err)
 	}
-	reason := errors.Join(errs...)
+	unreachable.where, unreachable.reason = where, errors.Join(errs...)
+	skipPostgres(t, where, unreachable.reason)
+	return nil
+}
+
+func skipPostgres(t *testing.T, where string, reason error) {
+	t.Helper()
 	if os.Getenv(envRequirePostgres) == "1" {
 		t.Fatalf("PostgreSQL not reachable at %s, and %s=1: %v", where, envRequirePostgres, reason)
 	}
 	t.Skipf("PostgreSQL not reachable at %s: skipping the PostgreSQL store tests (set %s=1 to fail instead): %v",
 		where, envRequirePostgres, reason)
-	return nil
+}
+
+// TestPostgresServer says whether the PostgreSQL tests run, and where:
+// `go test -run '^TestPostgresServer$' -v` is the cheap way to find out (a
+// skip is silent without -v).
+func TestPostgresServer(t *testing.T) {
+	srv := testPostgresServer(t)
+	var version string
+	if err := srv.admin.QueryRow(context.Background(), `SHOW server_version`).Scan(&version); err != nil {
+		t.Fatalf("server_version: %v", err)
+	}
+	cfg := srv.admin.Config().ConnConfig
+	t.Logf("PostgreSQL %s at %s:%d (user %s): running the PostgreSQL store tests", version, cfg.Host, cfg.Port, cfg.User)
 }
 
 func connectAdmin(dsn string) (*pgxpool.Pool, error) {

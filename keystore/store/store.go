@@ -11,6 +11,11 @@
 // enforced by constraints in the database, not by application checks, so
 // concurrent writers cannot both win. Violations surface as the sentinel
 // errors below.
+//
+// Two implementations share the schema, the migrations' version numbers and
+// the behavioural test suite: SQLite (OpenSQLite), one file for one daemon,
+// and Postgres (OpenPostgres), one database shared by several daemons, where
+// the same constraints keep replicas from both winning a race.
 package store
 
 import (
