@@ -36,6 +36,7 @@ vet:
 
 # The SDK tests are a module of their own (the SDK is too big a dependency for the daemon).
 test: softhsm tools vet
+	@$(GO) test -count=1 -run '^TestPostgresServer$$' -v ./keystore/store/ | grep -E 'PostgreSQL|FAIL' || true
 	$(GO) test -race -count=1 ./...
 	cd testdata/sdkclient && $(GO) vet ./... && $(GO) test -count=1 ./...
 	$(MAKE) --no-print-directory deploy-check
