@@ -289,7 +289,14 @@ func (c *Cluster) CurrentToken(ctx context.Context) (TokenInfo, error) {
 	c.mu.RUnlock()
 	ti, err := c.api.GetTokenInfo(slot)
 	if err != nil {
-		return TokenInfo{}, opErr(c.id, "C_GetTokenInfo", err)
+		err = opErr(c.id, "C_GetTokenInfo", err)
+		// A token whose info cannot be read is gone, whatever else still answers (SoftHSM
+		// keeps serving random numbers and empty searches after its directory vanished):
+		// open the breaker at once, so recovery re-initialises the module.
+		if Classify(err) == ClassDevice {
+			c.open(deviceReason(err))
+		}
+		return TokenInfo{}, err
 	}
 	return tokenInfo(ti), nil
 }
@@ -310,8 +317,11 @@ func (c *Cluster) Close(ctx context.Context) error {
 			c.closeErr = perr
 			return
 		}
-		aerr := opErr(c.id, "C_CloseSession", c.api.CloseSession(anchor))
-		c.mod.logout(c.token.Serial)
+		var aerr error
+		if anchor != 0 { // 0: a failed recovery left no anchor
+			aerr = opErr(c.id, "C_CloseSession", c.api.CloseSession(anchor))
+			c.mod.logout(c.token.Serial)
+		}
 		c.closeErr = errors.Join(aerr, c.mod.drop())
 	})
 	return c.closeErr

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -83,6 +84,7 @@ func run[T any](ctx context.Context, c *Cluster, retry bool, fn func(*Session) (
 	if err := c.admit(); err != nil {
 		return zero, err
 	}
+	logins := c.reloginCount()
 	res, err := Do(ctx, c.currentPool(), fn)
 	switch Classify(err) {
 	case ClassSession:
@@ -90,7 +92,7 @@ func run[T any](ctx context.Context, c *Cluster, retry bool, fn func(*Session) (
 			res, err = Do(ctx, c.currentPool(), fn)
 		}
 	case ClassLogin:
-		if lerr := c.relogin(); lerr != nil {
+		if lerr := c.relogin(logins); lerr != nil {
 			err = lerr
 		} else if retry {
 			res, err = Do(ctx, c.currentPool(), fn)
@@ -130,11 +132,7 @@ func (c *Cluster) record(err error) {
 		trip := c.health.consecutive >= c.breakerThreshold && c.health.h.State == StateHealthy
 		c.health.mu.Unlock()
 		if trip {
-			reason := "DEVICE_ERROR"
-			if code, ok := Code(err); ok {
-				reason = code.Error()
-			}
-			c.open(reason)
+			c.open(deviceReason(err))
 		}
 	case ClassCredential:
 		c.fail(err)
@@ -145,6 +143,15 @@ func (c *Cluster) record(err error) {
 			c.health.mu.Unlock()
 		}
 	}
+}
+
+// deviceReason names a device fault by its CKR_* code.
+func deviceReason(err error) string {
+	if code, ok := Code(err); ok {
+		s := code.Error() // "pkcs11: 0x30: CKR_DEVICE_ERROR"
+		return s[strings.LastIndexByte(s, ' ')+1:]
+	}
+	return "DEVICE_ERROR"
 }
 
 // Health returns the cluster's health.
@@ -194,11 +201,22 @@ func (c *Cluster) fail(err error) {
 	}
 }
 
-// relogin logs the anchor in again after CKR_USER_NOT_LOGGED_IN. Concurrent callers wait
-// for one C_Login instead of each trying; a credential refusal fails the cluster.
-func (c *Cluster) relogin() error {
+func (c *Cluster) reloginCount() uint64 {
+	c.health.mu.Lock()
+	defer c.health.mu.Unlock()
+	return c.health.relogins
+}
+
+// relogin logs the anchor in again after CKR_USER_NOT_LOGGED_IN. Callers that failed
+// together share one C_Login: seen is the re-login count before the caller's operation,
+// and a re-login made since then is taken as this caller's. A credential refusal fails the
+// cluster.
+func (c *Cluster) relogin(seen uint64) error {
 	c.health.reloginMu.Lock()
 	defer c.health.reloginMu.Unlock()
+	if c.reloginCount() != seen {
+		return nil
+	}
 	c.mu.RLock()
 	anchor := c.anchor
 	c.mu.RUnlock()
@@ -250,10 +268,13 @@ func (c *Cluster) recover() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c.mu.Lock()
-	old, oldAnchor := c.pool, c.anchor
+	old := c.pool
 	go func() { _ = old.Close(ctx) }()
-	_ = c.api.CloseSession(oldAnchor)
-	c.mod.logout(c.token.Serial)
+	if c.anchor != 0 { // an earlier failed attempt may have closed it already
+		_ = c.api.CloseSession(c.anchor)
+		c.mod.logout(c.token.Serial)
+		c.anchor = 0
+	}
 	c.handles.clear()
 	if err := c.mod.reinitializeIfSole(); err != nil {
 		c.mu.Unlock()
