@@ -1,6 +1,7 @@
 // Command hsmbridge serves the dedicated keystore API of a cloud KMS on PKCS#11 HSM clusters.
 //
 //	hsmbridge serve --config FILE      run the daemon
+//	hsmbridge check --config FILE      validate the config and dry-open every cluster
 //	hsmbridge dev init --dir DIR       make a SoftHSM development environment in DIR
 //	hsmbridge token issue --dir DIR    print a signed X-Auth-Token from DIR's dev issuer
 //	hsmbridge version                  print the version
@@ -34,6 +35,7 @@ func main() {
 
 const usage = `usage:
   hsmbridge serve --config FILE
+  hsmbridge check --config FILE
   hsmbridge dev init --dir DIR [--listen ADDR]
   hsmbridge token issue --dir DIR [--roles R1,R2] [--ttl 1h] [--sub NAME]
   hsmbridge version`
@@ -56,6 +58,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return errors.New("serve: --config is required")
 		}
 		return serve(ctx, *configPath, stderr)
+	case "check":
+		fs := flag.NewFlagSet("check", flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		configPath := fs.String("config", "", "configuration file (YAML)")
+		if err := fs.Parse(rest); err != nil {
+			return err
+		}
+		if *configPath == "" {
+			return errors.New("check: --config is required")
+		}
+		return check(ctx, *configPath, stdout)
 	case "dev":
 		if len(rest) == 0 || rest[0] != "init" {
 			return errors.New("dev: the only subcommand is 'dev init'")

@@ -36,7 +36,7 @@ func serve(ctx context.Context, configPath string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ln, err := listen(cfg)
+	ln, err := listenPublic(cfg, log)
 	if err != nil {
 		return errors.Join(err, d.close(context.Background()))
 	}
@@ -158,8 +158,9 @@ func openCluster(ctx context.Context, cc config.Cluster, m *api.Metrics, log *sl
 	return hsm.OpenCluster(ctx, hc)
 }
 
-// listen opens the API's configured TCP address or Unix socket.
-func listen(cfg *config.Config) (net.Listener, error) { return listenOn(cfg.Listen) }
+// listen opens the API's configured TCP address or Unix socket, with TLS if server.tls is
+// set (see listenPublic, which serve calls with the daemon's logger).
+func listen(cfg *config.Config) (net.Listener, error) { return listenPublic(cfg, slog.Default()) }
 
 // listenOn opens a TCP address or a Unix socket (mode 0660, for the frontend's group).
 func listenOn(listen string) (net.Listener, error) {

@@ -7,11 +7,14 @@
 // Validate, which reports every problem at once rather than the first.
 //
 // Relative paths (store.path, auth.token_file, auth.aksk_file, auth.jwt.jwks_file,
-// auth.trusted's files, clusters[].identity.cert_file, clusters[].pin.file and unix:
-// listen addresses) are resolved against the
+// auth.trusted's files, server.tls's files, clusters[].identity.cert_file, the pin
+// files and unix: listen addresses) are resolved against the
 // directory containing the config file, so the daemon means the same files
-// whatever its working directory. clusters[].module is the exception: it must
+// whatever its working directory. PKCS#11 modules are the exception: they must
 // be absolute.
+//
+// A cluster (and a TLS key on a token) may be named by an RFC 7512 pkcs11: URI
+// instead of module, token and pin; Load expands it into those fields.
 //
 // The package touches the file system only to read the config file and, in
 // PINSource.Read, a PIN file or systemd credential. Whether the other files
@@ -25,6 +28,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -121,6 +125,44 @@ type Server struct {
 	// MetricsListen, if set, is a second listener serving only /healthz, /readyz and
 	// /metrics, for probes and scrapers that cannot reach the API's Unix socket.
 	MetricsListen string `yaml:"metrics_listen"`
+	// TLS, if set, makes the API listener (listen) serve HTTPS.
+	TLS TLS `yaml:"tls"`
+}
+
+// TLS configures HTTPS on the API listener; it is on when any key is set, and then
+// CertFile and exactly one of KeyFile or Key are required. The certificate (and the key
+// file) are re-read when they change on disk, without a restart.
+type TLS struct {
+	// CertFile is the server's certificate chain in PEM, leaf first.
+	CertFile string `yaml:"cert_file"`
+	// KeyFile is the certificate's private key in PEM (PKCS#8, PKCS#1 or SEC 1).
+	KeyFile string `yaml:"key_file"`
+	// Key is the certificate's private key on a PKCS#11 token instead of a file.
+	Key TLSKey `yaml:"key"`
+	// ClientCA, if set, is a PEM bundle of CAs: every client must then present a
+	// certificate that chains to one of them.
+	ClientCA string `yaml:"client_ca"`
+}
+
+// On reports whether TLS is configured at all.
+func (t TLS) On() bool { return t != (TLS{}) }
+
+// TLSKey is a private key on a PKCS#11 token, found by the label of its private key
+// object: either URI, or Module, Token and PIN, plus Label (the URI's object attribute).
+type TLSKey struct {
+	URI    string    `yaml:"uri"`
+	Module string    `yaml:"module"`
+	Token  TokenSel  `yaml:"token"`
+	PIN    PINSource `yaml:"pin"`
+	Label  string    `yaml:"label"`
+}
+
+// On reports whether any key of the section is set.
+func (k TLSKey) On() bool { return k != (TLSKey{}) }
+
+// longFormSet reports whether any key that a URI would fill in is set.
+func (k TLSKey) longFormSet() bool {
+	return k.Module != "" || k.Token != (TokenSel{}) || k.PIN != (PINSource{}) || k.Label != ""
 }
 
 // Cluster types, as reported by the KMS dedicated keystore API.
@@ -135,6 +177,11 @@ type Cluster struct {
 	ID string `yaml:"id"`
 	// Type is ClusterTypeDHSM (default) or ClusterTypeCDMS.
 	Type string `yaml:"type"`
+	// URI is an RFC 7512 pkcs11: URI naming the token, the module and the PIN source,
+	// instead of Module, Token and PIN, e.g.
+	// "pkcs11:token=c1;serial=8d14464c433b0adf?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/hsmbridge/pin".
+	// Load expands it into those three fields.
+	URI string `yaml:"uri"`
 	// Module is the PKCS#11 module to load. It must be absolute so that
 	// dlopen never searches the library path for it.
 	Module   string    `yaml:"module"`
@@ -142,6 +189,11 @@ type Cluster struct {
 	PIN      PINSource `yaml:"pin"`
 	PoolSize int       `yaml:"pool_size"` // sessions kept open; default 4, 1..256
 	Identity Identity  `yaml:"identity"`
+}
+
+// longFormSet reports whether any key that a URI would fill in is set.
+func (c Cluster) longFormSet() bool {
+	return c.Module != "" || c.Token != (TokenSel{}) || c.PIN != (PINSource{})
 }
 
 // TokenSel selects the cluster's token by serial number and/or label; at
@@ -199,12 +251,39 @@ func Load(path string) (*Config, error) {
 	if err := decode(path, data, &c); err != nil {
 		return nil, err
 	}
+	conflicts := c.expandURIs()
 	c.setDefaults()
 	c.resolvePaths(dir)
-	if err := c.Validate(); err != nil {
+	if err := errors.Join(append(conflicts, c.Validate())...); err != nil {
 		return nil, fmt.Errorf("%s: invalid configuration:\n%w", path, err)
 	}
 	return &c, nil
+}
+
+// expandURIs fills module, token and pin (and a TLS key's label) from each uri that
+// parses, and returns a problem for each uri given beside the keys it stands for. A uri
+// that does not parse is left for Validate to report.
+func (c *Config) expandURIs() []error {
+	var errs []error
+	for i := range c.Clusters {
+		cl := &c.Clusters[i]
+		if cl.URI == "" {
+			continue
+		}
+		if cl.longFormSet() {
+			errs = append(errs, problem(fmt.Sprintf("clusters[%d].uri", i), "set either uri or module, token and pin, not both"))
+		} else if expanded, probs := cl.fromURI(); len(probs) == 0 {
+			*cl = expanded
+		}
+	}
+	if k := &c.Server.TLS.Key; k.URI != "" {
+		if k.longFormSet() {
+			errs = append(errs, problem("server.tls.key.uri", "set either uri or module, token, pin and label, not both"))
+		} else if expanded, probs := k.fromURI(); len(probs) == 0 {
+			*k = expanded
+		}
+	}
+	return errs
 }
 
 // decode decodes exactly one YAML document from data into c, rejecting
@@ -229,7 +308,7 @@ func decode(file string, data []byte, c *Config) error {
 var (
 	yamlLineMsg    = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
 	yamlUnknownKey = regexp.MustCompile(`^field (\S+) not found in type (\S+)$`)
-	keysByType     = yamlKeys(Config{}, Store{}, Auth{}, JWT{}, Trusted{}, Log{}, Server{}, Cluster{}, TokenSel{}, Identity{})
+	keysByType     = yamlKeys(Config{}, Store{}, Auth{}, JWT{}, Trusted{}, Log{}, Server{}, TLS{}, TLSKey{}, Cluster{}, TokenSel{}, Identity{})
 )
 
 // yamlKeys maps each struct's Go type name, as yaml.v3 prints it, to its YAML
@@ -318,6 +397,10 @@ func (c *Config) resolvePaths(dir string) {
 	resolve(&c.Auth.Trusted.ClientCA)
 	resolve(&c.Auth.Trusted.CertFile)
 	resolve(&c.Auth.Trusted.KeyFile)
+	resolve(&c.Server.TLS.CertFile)
+	resolve(&c.Server.TLS.KeyFile)
+	resolve(&c.Server.TLS.ClientCA)
+	resolve(&c.Server.TLS.Key.PIN.File)
 	for i := range c.Clusters {
 		resolve(&c.Clusters[i].Identity.CertFile)
 		resolve(&c.Clusters[i].PIN.File)
@@ -337,7 +420,8 @@ func SplitListen(listen string) (network, address string) {
 
 // Validate checks c as the daemon will use it, that is after defaults, and
 // returns every problem found, joined with errors.Join, each prefixed with
-// the path of the offending key. It reads no files and no PINs.
+// the path of the offending key. It reads no files and no PINs. A uri that Load
+// has not expanded is parsed and checked as the keys it stands for.
 func (c *Config) Validate() error {
 	var errs []error
 	errs = append(errs, validateListen("listen", c.Listen)...)
@@ -464,6 +548,61 @@ func (s Server) validate(path string) []error {
 	if s.RequestTimeout.Duration > 0 && s.RequestTimeout.Duration >= s.WriteTimeout.Duration {
 		errs = append(errs, problem(path+".request_timeout", "must be shorter than write_timeout (%s), got %s", s.WriteTimeout, s.RequestTimeout))
 	}
+	errs = append(errs, s.TLS.validate(path+".tls")...)
+	return errs
+}
+
+func (t TLS) validate(path string) []error {
+	if !t.On() {
+		return nil
+	}
+	var errs []error
+	if t.CertFile == "" {
+		errs = append(errs, problem(path+".cert_file", "required when %s is set", path))
+	}
+	if t.KeyFile == "" && !t.Key.On() || t.KeyFile != "" && t.Key.On() {
+		errs = append(errs, problem(path, "exactly one of key_file or key"))
+	}
+	if t.Key.On() {
+		errs = append(errs, t.Key.validate(path+".key")...)
+	}
+	return errs
+}
+
+func (k TLSKey) validate(path string) []error {
+	if k.URI != "" && !k.longFormSet() {
+		expanded, probs := k.fromURI()
+		if len(probs) > 0 {
+			return problems(path+".uri", probs)
+		}
+		k = expanded
+	}
+	var errs []error
+	errs = append(errs, validateModule(path+".module", k.Module)...)
+	errs = append(errs, k.Token.validate(path+".token")...)
+	errs = append(errs, k.PIN.validate(path+".pin")...)
+	if k.Label == "" {
+		errs = append(errs, problem(path+".label", "required: the label of the private key object on the token"))
+	}
+	return errs
+}
+
+func validateModule(path, module string) []error {
+	switch {
+	case module == "":
+		return []error{problem(path, "required")}
+	case !filepath.IsAbs(module):
+		return []error{problem(path, "must be an absolute path, got %q", module)}
+	}
+	return nil
+}
+
+// problems returns one validation error per message, all at path.
+func problems(path string, msgs []string) []error {
+	errs := make([]error, len(msgs))
+	for i, m := range msgs {
+		errs[i] = problem(path, "%s", m)
+	}
 	return errs
 }
 
@@ -512,14 +651,18 @@ func (c Cluster) validate(path string) []error {
 	if c.Type != ClusterTypeDHSM && c.Type != ClusterTypeCDMS {
 		errs = append(errs, problem(path+".type", "must be %s or %s, got %q", ClusterTypeDHSM, ClusterTypeCDMS, c.Type))
 	}
-	switch {
-	case c.Module == "":
-		errs = append(errs, problem(path+".module", "required"))
-	case !filepath.IsAbs(c.Module):
-		errs = append(errs, problem(path+".module", "must be an absolute path, got %q", c.Module))
+	p11 := c
+	var uriProblems []string
+	if c.URI != "" && !c.longFormSet() { // not expanded by Load: check what it stands for
+		p11, uriProblems = c.fromURI()
 	}
-	errs = append(errs, c.Token.validate(path+".token")...)
-	errs = append(errs, c.PIN.validate(path+".pin")...)
+	if len(uriProblems) > 0 {
+		errs = append(errs, problems(path+".uri", uriProblems)...)
+	} else {
+		errs = append(errs, validateModule(path+".module", p11.Module)...)
+		errs = append(errs, p11.Token.validate(path+".token")...)
+		errs = append(errs, p11.PIN.validate(path+".pin")...)
+	}
 	if c.PoolSize < 1 || c.PoolSize > 256 {
 		errs = append(errs, problem(path+".pool_size", "must be between 1 and 256, got %d", c.PoolSize))
 	}
@@ -551,4 +694,184 @@ func (id Identity) validate(path string) []error {
 		errs = append(errs, problem(path, "exactly one of cert_label or cert_file"))
 	}
 	return errs
+}
+
+// PKCS11URI is what an RFC 7512 pkcs11: URI says about a token, its module, its PIN and
+// an object on it, as far as hsmbridge uses them.
+type PKCS11URI struct {
+	Module string    // query attribute module-path; must be absolute
+	Token  TokenSel  // path attributes serial and token (the token's label)
+	Object string    // path attribute object: the label of an object on the token
+	Type   string    // path attribute type, e.g. "private"
+	PIN    PINSource // query attribute pin-source
+}
+
+// uriPathAttrs and uriQueryAttrs are the RFC 7512 attributes that hsmbridge understands.
+// Every other attribute is an error: one that narrows the match (manufacturer, model,
+// slot-id, ...) cannot be honoured by a token selector of serial and label only, and one
+// that is silently ignored could select another token than the writer meant.
+var (
+	uriPathAttrs  = []string{"token", "serial", "object", "type"}
+	uriQueryAttrs = []string{"module-path", "pin-source"}
+)
+
+// ParsePKCS11URI parses an RFC 7512 pkcs11: URI: path attributes token, serial, object and
+// type, query attributes module-path and pin-source, values percent-decoded. Unknown
+// attributes are errors that name them. pin-value is refused, since the PIN is never
+// written into the config, and module-name, since the module is loaded by absolute path.
+//
+// pin-source is a file ("file:/etc/hsmbridge/pin", "file:///etc/hsmbridge/pin", or a
+// plain path), or, as hsmbridge's own forms, "env:NAME" or "systemd_credential:NAME" —
+// the forms PINSource.String prints. Error messages never quote attribute values.
+func ParsePKCS11URI(s string) (PKCS11URI, error) {
+	u, probs := parsePKCS11URI(s)
+	if len(probs) > 0 {
+		errs := make([]error, len(probs))
+		for i, p := range probs {
+			errs[i] = errors.New(p)
+		}
+		return PKCS11URI{}, errors.Join(errs...)
+	}
+	return u, nil
+}
+
+func parsePKCS11URI(s string) (PKCS11URI, []string) {
+	var u PKCS11URI
+	scheme, rest, ok := strings.Cut(s, ":")
+	if !ok || !strings.EqualFold(scheme, "pkcs11") {
+		return u, []string{`must start with "pkcs11:"`}
+	}
+	if strings.Contains(rest, "#") {
+		return u, []string{"a pkcs11: URI has no fragment (#)"}
+	}
+	path, query, _ := strings.Cut(rest, "?")
+	var probs []string
+	seen := map[string]bool{}
+	var unknown []string
+	attrs := func(part, sep string, known []string, set func(name, value string)) {
+		if part == "" {
+			return
+		}
+		for attr := range strings.SplitSeq(part, sep) {
+			name, raw, ok := strings.Cut(attr, "=")
+			switch {
+			case !ok || name == "":
+				probs = append(probs, "an attribute is not of the form name=value")
+				continue
+			case name == "pin-value":
+				probs = append(probs, "pin-value is not allowed: "+pinFromElsewhere+"; name it with pin-source instead")
+				continue
+			case name == "module-name":
+				probs = append(probs, "module-name is not supported: give module-path, the absolute path of the module")
+				continue
+			case !slices.Contains(known, name):
+				unknown = append(unknown, name)
+				continue
+			case seen[name]:
+				probs = append(probs, fmt.Sprintf("attribute %s given twice", name))
+				continue
+			}
+			seen[name] = true
+			value, err := url.PathUnescape(raw)
+			if err != nil {
+				probs = append(probs, fmt.Sprintf("attribute %s: bad percent-encoding", name))
+				continue
+			}
+			if value == "" {
+				probs = append(probs, fmt.Sprintf("attribute %s is empty", name))
+				continue
+			}
+			set(name, value)
+		}
+	}
+	attrs(path, ";", uriPathAttrs, func(name, v string) {
+		switch name {
+		case "token":
+			u.Token.Label = v
+		case "serial":
+			u.Token.Serial = v
+		case "object":
+			u.Object = v
+		case "type":
+			u.Type = v
+		}
+	})
+	attrs(query, "&", uriQueryAttrs, func(name, v string) {
+		switch name {
+		case "module-path":
+			u.Module = v
+		case "pin-source":
+			var err error
+			if u.PIN, err = parsePINSource(v); err != nil {
+				probs = append(probs, err.Error())
+			}
+		}
+	})
+	if len(unknown) > 0 {
+		probs = append(probs, fmt.Sprintf("unknown or unsupported attribute(s) %s (known: %s; query: %s)",
+			strings.Join(unknown, ", "), strings.Join(uriPathAttrs, ", "), strings.Join(uriQueryAttrs, ", ")))
+	}
+	if !seen["module-path"] {
+		probs = append(probs, "module-path required (the absolute path of the PKCS#11 module)")
+	}
+	if !seen["token"] && !seen["serial"] {
+		probs = append(probs, "token or serial required (never a slot)")
+	}
+	if !seen["pin-source"] {
+		probs = append(probs, "pin-source required (file:PATH, env:NAME or systemd_credential:NAME)")
+	}
+	return u, probs
+}
+
+// parsePINSource reads a pin-source value; the value itself is never quoted.
+func parsePINSource(v string) (PINSource, error) {
+	scheme, rest, ok := strings.Cut(v, ":")
+	switch {
+	case strings.HasPrefix(v, "|"):
+		return PINSource{}, errors.New("pin-source: a command (|...) is not supported; use a file, env or systemd_credential")
+	case !ok || strings.HasPrefix(v, "/"):
+		return PINSource{File: v}, nil
+	case scheme == "file":
+		if p, ok := strings.CutPrefix(rest, "//"); ok { // file:///abs or file://localhost/abs
+			if p = strings.TrimPrefix(p, "localhost"); !strings.HasPrefix(p, "/") {
+				return PINSource{}, errors.New("pin-source: a file: URI must name a local absolute path")
+			}
+			return PINSource{File: p}, nil
+		}
+		return PINSource{File: rest}, nil
+	case scheme == "env":
+		return PINSource{Env: rest}, nil
+	case scheme == "systemd_credential":
+		return PINSource{SystemdCredential: rest}, nil
+	}
+	return PINSource{}, errors.New("pin-source: want file:PATH, env:NAME or systemd_credential:NAME")
+}
+
+// fromURI returns c with module, token and pin from its URI, and the URI's problems.
+func (c Cluster) fromURI() (Cluster, []string) {
+	u, probs := parsePKCS11URI(c.URI)
+	if u.Object != "" || u.Type != "" {
+		probs = append(probs, "a cluster's uri names a token, not an object: drop object and type (the identity key is identity.key_label)")
+	}
+	if len(probs) > 0 {
+		return c, probs
+	}
+	c.Module, c.Token, c.PIN = u.Module, u.Token, u.PIN
+	return c, nil
+}
+
+// fromURI returns k with module, token, pin and label from its URI, and the URI's problems.
+func (k TLSKey) fromURI() (TLSKey, []string) {
+	u, probs := parsePKCS11URI(k.URI)
+	if u.Object == "" {
+		probs = append(probs, "object required: the label of the private key")
+	}
+	if u.Type != "" && u.Type != "private" {
+		probs = append(probs, "type must be private")
+	}
+	if len(probs) > 0 {
+		return k, probs
+	}
+	k.Module, k.Token, k.PIN, k.Label = u.Module, u.Token, u.PIN, u.Object
+	return k, nil
 }

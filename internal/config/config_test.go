@@ -186,7 +186,7 @@ func TestLoadErrors(t *testing.T) {
 			// Both typos are reported, each at its own line.
 			file: "unknown_nested.yaml",
 			want: []string{
-				`unknown_nested.yaml:12: unknown key "pool_sise" (expected one of: id, type, module, token, pin, pool_size, identity)`,
+				`unknown_nested.yaml:12: unknown key "pool_sise" (expected one of: id, type, uri, module, token, pin, pool_size, identity)`,
 				`unknown_nested.yaml:15: unknown key "cert_lable" (expected one of: key_label, cert_label, cert_file)`,
 			},
 		},
@@ -256,6 +256,40 @@ func TestLoadErrors(t *testing.T) {
 			},
 			// Without jwks_file the jwt section is off, so its keys are not required.
 			notWant: []string{"auth.jwt."},
+		},
+		{
+			file: "uri_problems.yaml",
+			want: []string{
+				"server.tls.cert_file: required when server.tls is set",
+				"server.tls.key.uri: object required: the label of the private key",
+				"clusters[0].uri: unknown or unsupported attribute(s) slot-id, manufacturer, pin-timeout (known: token, serial, object, type; query: module-path, pin-source)",
+				"clusters[1].uri: pin-value is not allowed",
+				"clusters[1].uri: pin-source required",
+				"clusters[2].uri: set either uri or module, token and pin, not both",
+				`clusters[3].module: must be an absolute path, got "libsofthsm2.so"`,
+				"clusters[4].uri: attribute token: bad percent-encoding",
+				"clusters[4].uri: module-name is not supported",
+				"clusters[4].uri: a cluster's uri names a token, not an object",
+				"clusters[4].uri: module-path required",
+				`clusters[5].uri: must start with "pkcs11:"`,
+			},
+			// No noise for the keys a broken uri stands for, and never the PIN.
+			notWant: []string{"918273", "clusters[0].module", "clusters[0].token", "clusters[0].pin", "clusters[4].pin", "clusters[5].token"},
+		},
+		{
+			file: "tls_problems.yaml",
+			want: []string{
+				"server.tls.cert_file: required when server.tls is set",
+				"server.tls: exactly one of key_file or key",
+				`server.tls.key.module: must be an absolute path, got "softhsm2.so"`,
+				"server.tls.key.token: serial or label required",
+				"server.tls.key.pin.env: not a valid environment variable name",
+				"server.tls.key.label: required",
+			},
+		},
+		{
+			file: "tls_unknown_key.yaml",
+			want: []string{`tls_unknown_key.yaml:9: unknown key "lable" (expected one of: uri, module, token, pin, label)`},
 		},
 		{
 			file: "auth_unknown_key.yaml",
@@ -333,6 +367,18 @@ func withTrustedTLS(c *Config) {
 		Listen: "127.0.0.1:8443", ClientCA: "/etc/hsmbridge/ca.pem", CertFile: "/etc/hsmbridge/server.pem",
 		KeyFile: "/etc/hsmbridge/server-key.pem", Subjects: []string{"CN=frontend-a,O=kms"},
 	}
+}
+
+// withTLSFile turns on TLS on the API listener with the key in a file.
+func withTLSFile(c *Config) {
+	c.Server.TLS = TLS{CertFile: "/etc/hsmbridge/server.pem", KeyFile: "/etc/hsmbridge/server.key"}
+}
+
+// withTLSToken turns on TLS on the API listener with the key on a token.
+func withTLSToken(c *Config) {
+	c.Server.TLS = TLS{CertFile: "/etc/hsmbridge/server.pem", Key: TLSKey{
+		Module: "/usr/lib/softhsm/libsofthsm2.so", Token: TokenSel{Label: "tls"}, PIN: PINSource{Env: "TLS_PIN"}, Label: "tls-key",
+	}}
 }
 
 func TestValidate(t *testing.T) {
@@ -492,6 +538,53 @@ func TestValidate(t *testing.T) {
 			modify: func(c *Config) { c.Clusters[0].Identity.CertLabel = "" },
 			want:   []string{"clusters[0].identity: exactly one of cert_label or cert_file"},
 		},
+		{
+			// Validate on a config that Load did not expand checks what the uri stands for.
+			name: "cluster uri not expanded",
+			modify: func(c *Config) {
+				c.Clusters[0].Module, c.Clusters[0].Token, c.Clusters[0].PIN = "", TokenSel{}, PINSource{}
+				c.Clusters[0].URI = "pkcs11:serial=s0?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=env:PIN0"
+			},
+		},
+		{
+			name: "cluster uri not expanded, relative module",
+			modify: func(c *Config) {
+				c.Clusters[0].Module, c.Clusters[0].Token, c.Clusters[0].PIN = "", TokenSel{}, PINSource{}
+				c.Clusters[0].URI = "pkcs11:serial=s0?module-path=libsofthsm2.so&pin-source=env:PIN0"
+			},
+			want: []string{`clusters[0].module: must be an absolute path, got "libsofthsm2.so"`},
+		},
+		{name: "tls with key file", modify: withTLSFile},
+		{name: "tls with key on a token", modify: withTLSToken},
+		{name: "tls with client ca", modify: func(c *Config) { withTLSFile(c); c.Server.TLS.ClientCA = "/etc/hsmbridge/clients.pem" }},
+		{
+			name: "tls key uri not expanded",
+			modify: func(c *Config) {
+				withTLSToken(c)
+				c.Server.TLS.Key = TLSKey{URI: "pkcs11:token=t;object=k?module-path=/m.so&pin-source=file:/p"}
+			},
+		},
+		{
+			name:   "tls without cert",
+			modify: func(c *Config) { withTLSFile(c); c.Server.TLS.CertFile = "" },
+			want:   []string{"server.tls.cert_file: required when server.tls is set"},
+		},
+		{
+			name:   "tls client ca alone",
+			modify: func(c *Config) { c.Server.TLS.ClientCA = "/etc/hsmbridge/clients.pem" },
+			want:   []string{"server.tls.cert_file: required", "server.tls: exactly one of key_file or key"},
+		},
+		{
+			name:    "tls with key file and token key",
+			modify:  func(c *Config) { withTLSToken(c); c.Server.TLS.KeyFile = "/etc/hsmbridge/server.key" },
+			want:    []string{"server.tls: exactly one of key_file or key"},
+			notWant: []string{"server.tls.key."},
+		},
+		{
+			name:   "tls token key incomplete",
+			modify: func(c *Config) { withTLSToken(c); c.Server.TLS.Key.Label = ""; c.Server.TLS.Key.Token = TokenSel{} },
+			want:   []string{"server.tls.key.label: required", "server.tls.key.token: serial or label required"},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -640,5 +733,87 @@ func TestPINSourceNeverShowsPIN(t *testing.T) {
 				t.Errorf("%s = %q contains the PIN", what, s)
 			}
 		}
+	}
+}
+
+func TestURIEquivalentToLongForm(t *testing.T) {
+	long, err := Load(filepath.Join("testdata", "uri_long.yaml"))
+	if err != nil {
+		t.Fatalf("Load long form: %v", err)
+	}
+	short, err := Load(filepath.Join("testdata", "uri_short.yaml"))
+	if err != nil {
+		t.Fatalf("Load uri form: %v", err)
+	}
+	for i := range short.Clusters {
+		if short.Clusters[i].URI == "" {
+			t.Errorf("clusters[%d].uri was dropped", i)
+		}
+		short.Clusters[i].URI = ""
+	}
+	if short.Server.TLS.Key.URI == "" {
+		t.Error("server.tls.key.uri was dropped")
+	}
+	short.Server.TLS.Key.URI = ""
+	if !reflect.DeepEqual(short, long) {
+		t.Errorf("uri form:\n got %+v\nwant %+v", *short, *long)
+	}
+	dir, _ := filepath.Abs("testdata")
+	if got, want := short.Clusters[0].PIN.File, filepath.Join(dir, "secrets/pin"); got != want {
+		t.Errorf("relative pin-source file = %q, want %q (resolved against the config's directory)", got, want)
+	}
+}
+
+func TestParsePKCS11URI(t *testing.T) {
+	const mod = "?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source="
+	tests := []struct {
+		uri     string
+		want    PKCS11URI
+		wantErr []string
+	}{
+		{uri: "pkcs11:token=a" + mod + "file:/etc/hsmbridge/pin", want: PKCS11URI{Token: TokenSel{Label: "a"}, PIN: PINSource{File: "/etc/hsmbridge/pin"}}},
+		{uri: "pkcs11:token=a" + mod + "file:///etc/hsmbridge/pin", want: PKCS11URI{Token: TokenSel{Label: "a"}, PIN: PINSource{File: "/etc/hsmbridge/pin"}}},
+		{uri: "pkcs11:token=a" + mod + "file://localhost/etc/pin", want: PKCS11URI{Token: TokenSel{Label: "a"}, PIN: PINSource{File: "/etc/pin"}}},
+		{uri: "pkcs11:token=a" + mod + "/etc/pin", want: PKCS11URI{Token: TokenSel{Label: "a"}, PIN: PINSource{File: "/etc/pin"}}},
+		{uri: "pkcs11:token=a" + mod + "%2Fetc%2Fmy%20pin", want: PKCS11URI{Token: TokenSel{Label: "a"}, PIN: PINSource{File: "/etc/my pin"}}},
+		{uri: "pkcs11:serial=0a1b" + mod + "env:HSM_PIN", want: PKCS11URI{Token: TokenSel{Serial: "0a1b"}, PIN: PINSource{Env: "HSM_PIN"}}},
+		{uri: "pkcs11:token=a%3Bb;object=k%26y;type=private" + mod + "systemd_credential:hsm-pin",
+			want: PKCS11URI{Token: TokenSel{Label: "a;b"}, Object: "k&y", Type: "private", PIN: PINSource{SystemdCredential: "hsm-pin"}}},
+		{uri: "pkcs11:token=a" + mod + "|/usr/bin/get-pin", wantErr: []string{"a command (|...) is not supported"}},
+		{uri: "pkcs11:token=a" + mod + "https://vault/pin", wantErr: []string{"pin-source: want file:PATH, env:NAME or systemd_credential:NAME"}},
+		{uri: "pkcs11:token=a" + mod + "file://host/etc/pin", wantErr: []string{"must name a local absolute path"}},
+		{uri: "pkcs11:token=a;token=b" + mod + "env:P", wantErr: []string{"attribute token given twice"}},
+		{uri: "pkcs11:token=" + mod + "env:P", wantErr: []string{"attribute token is empty"}},
+		{uri: "pkcs11:token" + mod + "env:P", wantErr: []string{"not of the form name=value"}},
+		{uri: "pkcs11:token=a" + mod + "env:P#frag", wantErr: []string{"no fragment"}},
+		{uri: "pkcs11:token=a?pin-value=918273&module-path=/m.so", wantErr: []string{"pin-value is not allowed", "pin-source required"}},
+		{uri: "pkcs11:slot-id=1;token=a?module-path=/m.so&pin-source=env:P", wantErr: []string{"unknown or unsupported attribute(s) slot-id"}},
+		{uri: "pkcs11:", wantErr: []string{"module-path required", "token or serial required", "pin-source required"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.uri, func(t *testing.T) {
+			got, err := ParsePKCS11URI(tt.uri)
+			if len(tt.wantErr) == 0 {
+				if err != nil {
+					t.Fatalf("ParsePKCS11URI: %v", err)
+				}
+				tt.want.Module = "/usr/lib/softhsm/libsofthsm2.so"
+				if got != tt.want {
+					t.Errorf("ParsePKCS11URI =\n %+v, want\n %+v", got, tt.want)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("ParsePKCS11URI = %+v, want an error", got)
+			}
+			for _, s := range tt.wantErr {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error does not contain %q:\n%v", s, err)
+				}
+			}
+			if strings.Contains(err.Error(), "918273") {
+				t.Errorf("error shows the PIN: %v", err)
+			}
+		})
 	}
 }
