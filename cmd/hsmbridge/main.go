@@ -4,6 +4,8 @@
 //	hsmbridge check --config FILE      validate the config and dry-open every cluster
 //	hsmbridge dev init --dir DIR       make a SoftHSM development environment in DIR
 //	hsmbridge token issue --dir DIR    print a signed X-Auth-Token from DIR's dev issuer
+//	hsmbridge migrate --config FILE    bring the configured store's schema up to date
+//	hsmbridge store export|import      move keystores and keys between stores (SQLite → PostgreSQL)
 //	hsmbridge version                  print the version
 package main
 
@@ -38,6 +40,9 @@ const usage = `usage:
   hsmbridge check --config FILE
   hsmbridge dev init --dir DIR [--listen ADDR]
   hsmbridge token issue --dir DIR [--roles R1,R2] [--ttl 1h] [--sub NAME]
+  hsmbridge migrate --config FILE
+  hsmbridge store export --config FILE [--file DUMP]
+  hsmbridge store import --config FILE [--file DUMP]
   hsmbridge version`
 
 // run is the whole program; only main exits. ctx ends on SIGTERM or SIGINT.
@@ -89,6 +94,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return errors.New("token: the only subcommand is 'token issue'")
 		}
 		return tokenIssue(rest[1:], stdout, stderr)
+	case "migrate":
+		return storeCommand(ctx, "migrate", rest, os.Stdin, stdout, stderr)
+	case "store":
+		if len(rest) == 0 || (rest[0] != "export" && rest[0] != "import") {
+			return errors.New("store: the subcommands are 'store export' and 'store import'")
+		}
+		return storeCommand(ctx, rest[0], rest[1:], os.Stdin, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "hsmbridge", version)
 		return nil

@@ -75,11 +75,9 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 			err = errors.Join(err, d.close(context.Background()))
 		}
 	}()
-	st, err := store.OpenSQLite(ctx, cfg.Store.Path)
-	if err != nil {
+	if d.store, err = openStore(ctx, cfg.Store); err != nil {
 		return nil, err
 	}
-	d.store = st // assigned only when open: a nil *SQLite in the interface would not be nil
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := api.NewMetrics(reg, reg, version)
@@ -94,11 +92,17 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 		log.Info("cluster ready", "cluster", cc.ID, "token_label", cl.Token().Label, "token_serial", cl.Token().Serial,
 			"pool_size", cl.Stats().MaxSessions, "pin", cc.PIN)
 	}
-	svc := keystore.New(d.store, bound, keystore.WithLogger(log))
+	svc := keystore.New(d.store, bound, keystore.WithLogger(log),
+		keystore.WithCacheBounds(cfg.Store.CacheTTL.Duration, cfg.Store.MaxStale.Duration))
 	d.svc = svc
 	reg.MustRegister(api.NewPoolCollector(d.clusters), api.NewConnectionCollector(svc))
-	// Alone on its SQLite file, the daemon repairs everything at start-up.
-	if err := svc.Reconcile(ctx, 0); err != nil {
+	// Alone on its SQLite file, the daemon repairs everything at start-up; on PostgreSQL
+	// other daemons may be creating right now, so young CREATING rows are left to them.
+	grace := time.Duration(0)
+	if cfg.Store.Driver == "postgres" {
+		grace = keystore.RepairGrace
+	}
+	if err := svc.Reconcile(ctx, grace); err != nil {
 		return nil, err
 	}
 	if d.auth, err = authSchemes(cfg.Auth, metrics); err != nil {

@@ -56,10 +56,45 @@ type Config struct {
 
 // Store selects the metadata database.
 type Store struct {
-	// Driver is the database driver; default "sqlite", the only one in this build.
+	// Driver is "sqlite" (default: one daemon, a file) or "postgres" (several daemons
+	// sharing one database).
 	Driver string `yaml:"driver"`
 	// Path is the SQLite database file; required for sqlite.
 	Path string `yaml:"path"`
+	// The PostgreSQL connection string, from exactly one of: DSN itself, the environment
+	// variable DSNEnv, or the file DSNFile (mode 0600: it may hold a password).
+	DSN     string `yaml:"dsn"`
+	DSNEnv  string `yaml:"dsn_env"`
+	DSNFile string `yaml:"dsn_file"`
+	// MaxConns sizes the PostgreSQL connection pool; default 8.
+	MaxConns int `yaml:"max_conns"`
+	// CacheTTL is how long a key or keystore row read from the store is trusted (default
+	// 1s): a change made by another daemon takes effect here within it. MaxStale is how long
+	// a row read earlier still serves while the store cannot be read (default 30s).
+	CacheTTL Duration `yaml:"cache_ttl"`
+	MaxStale Duration `yaml:"max_stale"`
+}
+
+// ReadDSN returns the PostgreSQL connection string from its source. Errors name the
+// source, never the string (it may hold a password).
+func (s Store) ReadDSN() (string, error) {
+	switch {
+	case s.DSN != "":
+		return s.DSN, nil
+	case s.DSNEnv != "":
+		v, ok := os.LookupEnv(s.DSNEnv)
+		if !ok || v == "" {
+			return "", fmt.Errorf("store.dsn_env: environment variable %s is not set", s.DSNEnv)
+		}
+		return v, nil
+	case s.DSNFile != "":
+		v, err := readPINFile(s.DSNFile, true)
+		if err != nil {
+			return "", fmt.Errorf("store.dsn_file: %w", err)
+		}
+		return strings.TrimSpace(v), nil
+	}
+	return "", errors.New("store: no DSN source")
 }
 
 // Auth configures how callers authenticate. At least one scheme is required; each
@@ -355,6 +390,9 @@ func (c *Config) setDefaults() {
 	c.Listen = cmp.Or(c.Listen, "127.0.0.1:8080")
 	c.Region = cmp.Or(c.Region, "local-1")
 	c.Store.Driver = cmp.Or(c.Store.Driver, "sqlite")
+	c.Store.MaxConns = cmp.Or(c.Store.MaxConns, 8)
+	c.Store.CacheTTL = cmp.Or(c.Store.CacheTTL, Duration{time.Second})
+	c.Store.MaxStale = cmp.Or(c.Store.MaxStale, Duration{30 * time.Second})
 	c.Log.Level = cmp.Or(c.Log.Level, "info")
 	c.Log.Format = cmp.Or(c.Log.Format, "json")
 	s := &c.Server
@@ -391,6 +429,7 @@ func (c *Config) resolvePaths(dir string) {
 	resolveListen(&c.Auth.Trusted.Listen)
 	resolveListen(&c.Server.MetricsListen)
 	resolve(&c.Store.Path)
+	resolve(&c.Store.DSNFile)
 	resolve(&c.Auth.TokenFile)
 	resolve(&c.Auth.AKSKFile)
 	resolve(&c.Auth.JWT.JWKSFile)
@@ -462,13 +501,35 @@ func validateListen(key, listen string) []error {
 }
 
 func (s Store) validate(path string) []error {
-	if s.Driver != "sqlite" {
-		return []error{problem(path+".driver", "%q is not available: only sqlite is available in this build", s.Driver)}
+	var errs []error
+	if s.CacheTTL.Duration <= 0 || s.MaxStale.Duration < s.CacheTTL.Duration {
+		errs = append(errs, problem(path+".cache_ttl", "must be positive and not above max_stale (%s), got %s", s.MaxStale, s.CacheTTL))
 	}
-	if s.Path == "" {
-		return []error{problem(path+".path", "required for the sqlite driver")}
+	switch s.Driver {
+	case "sqlite":
+		if s.Path == "" {
+			errs = append(errs, problem(path+".path", "required for the sqlite driver"))
+		}
+	case "postgres":
+		n := 0
+		for _, v := range []string{s.DSN, s.DSNEnv, s.DSNFile} {
+			if v != "" {
+				n++
+			}
+		}
+		if n != 1 {
+			errs = append(errs, problem(path, "the postgres driver needs exactly one of dsn, dsn_env, dsn_file"))
+		}
+		if s.DSNEnv != "" && !envName.MatchString(s.DSNEnv) {
+			errs = append(errs, problem(path+".dsn_env", "not a valid environment variable name"))
+		}
+		if s.MaxConns < 1 || s.MaxConns > 1000 {
+			errs = append(errs, problem(path+".max_conns", "must be between 1 and 1000, got %d", s.MaxConns))
+		}
+	default:
+		errs = append(errs, problem(path+".driver", "must be sqlite or postgres, got %q", s.Driver))
 	}
-	return nil
+	return errs
 }
 
 func (a Auth) validate(path string) []error {

@@ -27,6 +27,38 @@ func defaultServer(metricsListen string) Server {
 	}
 }
 
+func TestStoreReadDSN(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "dsn")
+	if err := os.WriteFile(file, []byte("postgres://u:secret@h/db\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	loose := filepath.Join(dir, "loose")
+	if err := os.WriteFile(loose, []byte("postgres://u:secret@h/db"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("HSMB_TEST_DSN", "postgres://env/db")
+	for _, tt := range []struct {
+		s       Store
+		want    string
+		wantErr string
+	}{
+		{Store{DSN: "postgres://inline/db"}, "postgres://inline/db", ""},
+		{Store{DSNEnv: "HSMB_TEST_DSN"}, "postgres://env/db", ""},
+		{Store{DSNEnv: "HSMB_TEST_UNSET"}, "", "HSMB_TEST_UNSET is not set"},
+		{Store{DSNFile: file}, "postgres://u:secret@h/db", ""},
+		{Store{DSNFile: loose}, "", "readable by group or others"},
+	} {
+		got, err := tt.s.ReadDSN()
+		if got != tt.want || (tt.wantErr == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.wantErr)) {
+			t.Errorf("%+v: ReadDSN = %q, %v; want %q, %q", tt.s, got, err, tt.want, tt.wantErr)
+		}
+		if err != nil && strings.Contains(err.Error(), "secret") {
+			t.Errorf("error quotes the DSN: %v", err)
+		}
+	}
+}
+
 func TestLoadValid(t *testing.T) {
 	dir, err := filepath.Abs("testdata")
 	if err != nil {
@@ -41,7 +73,7 @@ func TestLoadValid(t *testing.T) {
 			want: Config{
 				Listen: "unix:" + filepath.Join(dir, "run/hsmbridge.sock"),
 				Region: "cn-north-4",
-				Store:  Store{Driver: "sqlite", Path: filepath.Join(dir, "data/hsmbridge.db")},
+				Store:  Store{Driver: "sqlite", Path: filepath.Join(dir, "data/hsmbridge.db"), MaxConns: 8, CacheTTL: dur(time.Second), MaxStale: dur(30 * time.Second)},
 				Auth:   Auth{TokenFile: filepath.Join(dir, "tokens.yaml"), JWT: JWT{Leeway: dur(30 * time.Second)}},
 				Log:    Log{Level: "debug", Format: "text"},
 				Server: Server{
@@ -80,7 +112,7 @@ func TestLoadValid(t *testing.T) {
 			want: Config{
 				Listen: "127.0.0.1:8080",
 				Region: "local-1",
-				Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/hsmbridge.db"},
+				Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/hsmbridge.db", MaxConns: 8, CacheTTL: dur(time.Second), MaxStale: dur(30 * time.Second)},
 				Auth:   Auth{TokenFile: "/etc/hsmbridge/tokens.yaml", JWT: JWT{Leeway: dur(30 * time.Second)}},
 				Log:    Log{Level: "info", Format: "json"},
 				Server: Server{
@@ -108,7 +140,7 @@ func TestLoadValid(t *testing.T) {
 			want: Config{
 				Listen: "127.0.0.1:8080",
 				Region: "local-1",
-				Store:  Store{Driver: "sqlite", Path: filepath.Join(dir, "hsmbridge.db")},
+				Store:  Store{Driver: "sqlite", Path: filepath.Join(dir, "hsmbridge.db"), MaxConns: 8, CacheTTL: dur(time.Second), MaxStale: dur(30 * time.Second)},
 				Auth: Auth{
 					TokenFile: filepath.Join(dir, "tokens.yaml"),
 					AKSKFile:  filepath.Join(dir, "secrets/aksk.yaml"),
@@ -137,7 +169,7 @@ func TestLoadValid(t *testing.T) {
 			want: Config{
 				Listen: "127.0.0.1:8080",
 				Region: "local-1",
-				Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/hsmbridge.db"},
+				Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/hsmbridge.db", MaxConns: 8, CacheTTL: dur(time.Second), MaxStale: dur(30 * time.Second)},
 				Auth: Auth{
 					AKSKFile: "/etc/hsmbridge/aksk.yaml",
 					JWT:      JWT{Leeway: dur(30 * time.Second)},
@@ -214,7 +246,7 @@ func TestLoadErrors(t *testing.T) {
 			want: []string{
 				"many_problems.yaml: invalid configuration:",
 				"listen: want host:port or unix:/path",
-				`store.driver: "postgres" is not available: only sqlite is available in this build`,
+				`store.driver: must be sqlite or postgres, got "mysql"`,
 				"auth: name at least one of token_file, aksk_file, jwt.jwks_file",
 				`log.level: must be debug, info, warn or error, got "verbose"`,
 				`clusters[0].module: must be an absolute path, got "libsofthsm2.so"`,
@@ -324,7 +356,7 @@ func validConfig() Config {
 	return Config{
 		Listen: "127.0.0.1:8080",
 		Region: "local-1",
-		Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/db"},
+		Store:  Store{Driver: "sqlite", Path: "/var/lib/hsmbridge/db", MaxConns: 8, CacheTTL: dur(time.Second), MaxStale: dur(30 * time.Second)},
 		Auth:   Auth{TokenFile: "/etc/hsmbridge/tokens.yaml"},
 		Log:    Log{Level: "info", Format: "json"},
 		Server: Server{
@@ -389,6 +421,21 @@ func TestValidate(t *testing.T) {
 		notWant []string
 	}{
 		{name: "valid", modify: func(*Config) {}},
+		{name: "postgres with a dsn", modify: func(c *Config) { c.Store.Driver, c.Store.DSN = "postgres", "postgres://h/db" }},
+		{name: "postgres with a dsn file", modify: func(c *Config) { c.Store.Driver, c.Store.DSNFile = "postgres", "/etc/hsmbridge/dsn" }},
+		{
+			name:   "postgres without a dsn",
+			modify: func(c *Config) { c.Store.Driver = "postgres" },
+			want:   []string{"store: the postgres driver needs exactly one of dsn, dsn_env, dsn_file"},
+		},
+		{
+			name: "postgres with two dsn sources and a bad pool",
+			modify: func(c *Config) {
+				c.Store = Store{Driver: "postgres", DSN: "x", DSNEnv: "1BAD", MaxConns: 0, CacheTTL: dur(time.Minute), MaxStale: dur(time.Second)}
+			},
+			want: []string{"store: the postgres driver needs exactly one", "store.dsn_env: not a valid environment variable name",
+				"store.max_conns: must be between 1 and 1000, got 0", "store.cache_ttl: must be positive and not above max_stale"},
+		},
 		{name: "no auth scheme", modify: func(c *Config) { c.Auth = Auth{} }, want: []string{"auth: name at least one of token_file, aksk_file, jwt.jwks_file"}},
 		{
 			name:   "jwt settings without jwks_file are no scheme",
