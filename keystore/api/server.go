@@ -26,14 +26,15 @@ const maxBody = 64 << 10
 
 // Server is the HTTP face of a keystore.Service. Safe for concurrent use.
 type Server struct {
-	svc      *keystore.Service
-	auth     Authenticator
-	metrics  *Metrics
-	log      *slog.Logger
-	region   string
-	trusted  bool
-	draining atomic.Bool
-	mux      *http.ServeMux
+	svc       *keystore.Service
+	auth      Authenticator
+	metrics   *Metrics
+	log       *slog.Logger
+	region    string
+	trusted   bool
+	sequences sequences
+	draining  atomic.Bool
+	mux       *http.ServeMux
 }
 
 // Config is what a Server needs.
@@ -199,7 +200,7 @@ func (s *Server) apiCall(rt route, timeout time.Duration) http.Handler {
 		r = r.WithContext(ctx)
 		who, err := s.authorize(r, rt.action)
 		if err == nil {
-			err = rt.h(s, w, r, who)
+			err = s.withSequence(w, r, who, rt, rt.h)
 		}
 		code := ""
 		if err != nil {
