@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -209,8 +210,13 @@ func (d *daemon) run(ctx context.Context, ln net.Listener) error {
 		}()
 	}
 	sweepCtx, stopSweep := context.WithCancel(context.Background())
-	swept := make(chan struct{})
-	go func() { defer close(swept); d.sweepDeletions(sweepCtx) }()
+	var background sync.WaitGroup
+	background.Go(func() { d.sweepDeletions(sweepCtx) })
+	for i, cc := range d.cfg.Clusters {
+		if cc.HealthProbe.Duration > 0 {
+			background.Go(func() { d.probe(sweepCtx, d.clusters[i], cc.HealthProbe.Duration) })
+		}
+	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -245,7 +251,7 @@ func (d *daemon) run(ctx context.Context, ln net.Listener) error {
 		}
 	}
 	stopSweep()
-	<-swept
+	background.Wait()
 	if errors.Is(runErr, http.ErrServerClosed) {
 		runErr = nil
 	}
@@ -327,6 +333,27 @@ func (d *daemon) sweepDeletions(ctx context.Context) {
 			if err := d.svc.Reconcile(ctx, keystore.RepairGrace); err != nil && ctx.Err() == nil {
 				d.log.Error("periodic repair", "err", err)
 			}
+		}
+	}
+}
+
+// probe proves cl's identity every interval until ctx ends. The proof runs through the
+// cluster's error rules like any call, so a dead device opens its breaker (and /readyz
+// says so) before a customer's request finds out; it uses the identity key, never a
+// customer key, so key audit trails stay clean.
+func (d *daemon) probe(ctx context.Context, cl *hsm.Cluster, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			pctx, cancel := context.WithTimeout(ctx, min(interval, 5*time.Second))
+			if err := cl.ProveIdentity(pctx); err != nil && ctx.Err() == nil {
+				d.log.Warn("cluster health probe failed", "cluster", cl.ID(), "err", err)
+			}
+			cancel()
 		}
 	}
 }

@@ -224,6 +224,10 @@ type Cluster struct {
 	PIN      PINSource `yaml:"pin"`
 	PoolSize int       `yaml:"pool_size"` // sessions kept open; default 4, 1..256
 	Identity Identity  `yaml:"identity"`
+	// HealthProbe, if set, is how often the daemon proves the cluster's identity (a sign on
+	// the token with the identity key, verified on the host) in the background, so the
+	// cluster's state is fresh without waiting for traffic; off by default.
+	HealthProbe Duration `yaml:"health_probe"`
 }
 
 // longFormSet reports whether any key that a URI would fill in is set.
@@ -711,6 +715,9 @@ func (c Cluster) validate(path string) []error {
 	}
 	if c.Type != ClusterTypeDHSM && c.Type != ClusterTypeCDMS {
 		errs = append(errs, problem(path+".type", "must be %s or %s, got %q", ClusterTypeDHSM, ClusterTypeCDMS, c.Type))
+	}
+	if c.HealthProbe.Duration < 0 {
+		errs = append(errs, problem(path+".health_probe", "must not be negative, got %s", c.HealthProbe))
 	}
 	p11 := c
 	var uriProblems []string
