@@ -218,7 +218,7 @@ func TestLoadErrors(t *testing.T) {
 			// Both typos are reported, each at its own line.
 			file: "unknown_nested.yaml",
 			want: []string{
-				`unknown_nested.yaml:12: unknown key "pool_sise" (expected one of: id, type, uri, module, token, pin, pool_size, identity)`,
+				`unknown_nested.yaml:12: unknown key "pool_sise" (expected one of: id, type, uri, module, token, pin, pool_size, identity, health_probe)`,
 				`unknown_nested.yaml:15: unknown key "cert_lable" (expected one of: key_label, cert_label, cert_file)`,
 			},
 		},
