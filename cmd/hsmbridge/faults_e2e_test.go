@@ -477,7 +477,9 @@ func TestLoadOneClusterFailsAndRecovers_FaultInjected(t *testing.T) {
 	if ok {
 		f.Clear()
 		phase.Store(2)
-		ok = waitUntil("c1 to recover and serve", func() bool { return okAfter.Load() >= 50 })
+		if !waitUntil("c1 to recover and serve", func() bool { return okAfter.Load() >= 50 }) {
+			t.Error("c1 did not recover and serve again")
+		}
 	}
 	close(stop)
 	wg.Wait()
