@@ -179,7 +179,7 @@ func (s *Service) deleteRefused(ctx context.Context, id string, err error) error
 
 // DeleteKeystore removes a DISABLED keystore: its marker from the token, then its row, so
 // the cluster can be bound again. The row is DELETING in between; a crash there is finished
-// at start-up, and a repeated delete finishes it too.
+// at start-up, by the periodic repair, or by a delete once it is older than RepairGrace.
 func (s *Service) DeleteKeystore(ctx context.Context, who Caller, id string) error {
 	if !idRE.MatchString(id) {
 		return newError(KindInvalidParameter, "keystore_id must be a UUID")
@@ -192,6 +192,10 @@ func (s *Service) DeleteKeystore(ctx context.Context, who Caller, id string) err
 		return storeError("get keystore", err)
 	case k.State == store.StateEnabled:
 		return newError(KindStateConflict, "keystore %s is ENABLED; disable it before deleting it", id)
+	case k.State == store.StateDeleting && s.now().Sub(k.UpdatedAt) < RepairGrace:
+		// Another delete (perhaps on another daemon) is under way and answers for it; only a
+		// delete left half-done long ago (a crash) is finished here.
+		return newError(KindStateConflict, "keystore %s is being deleted", id)
 	}
 	if n, err := s.store.CountKeys(ctx, id); err != nil {
 		return storeError("delete keystore", err)

@@ -59,8 +59,8 @@ func (s *Service) Reconcile(ctx context.Context, grace time.Duration) error {
 			}
 			switch r.State {
 			case store.StateCreating, store.StateDeleting:
-				if r.State == store.StateCreating && s.now().Sub(r.UpdatedAt) < grace {
-					continue // perhaps still being created by another daemon
+				if s.now().Sub(r.UpdatedAt) < grace {
+					continue // perhaps still being created or deleted by another daemon
 				}
 				if err := s.unbind(ctx, cl, r.ID); err != nil {
 					if r.State != store.StateDeleting || !errors.Is(err, store.ErrKeystoreHasKeys) {
