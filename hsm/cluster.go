@@ -127,7 +127,7 @@ func OpenCluster(ctx context.Context, cfg ClusterConfig) (_ *Cluster, err error)
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", cfg.ID, err)
 	}
-	if c.anchor, err = c.login(cfg.PIN); err != nil {
+	if c.anchor, err = c.login(c.slot, cfg.PIN); err != nil {
 		return nil, err
 	}
 	c.pool = newPool(c.api, c.id, c.slot, poolCap(cfg.PoolSize, ti.MaxRwSessionCount), cfg.OnAcquireWait, c.stuckAfter)
@@ -201,8 +201,8 @@ func describeSelector(serial, label string) string {
 }
 
 // login opens the anchor session and logs the user in, once.
-func (c *Cluster) login(pin string) (pkcs11.SessionHandle, error) {
-	h, err := c.api.OpenSession(c.slot, pkcs11.CKF_SERIAL_SESSION)
+func (c *Cluster) login(slot uint, pin string) (pkcs11.SessionHandle, error) {
+	h, err := c.api.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
 	if err != nil {
 		return 0, opErr(c.id, "C_OpenSession", err)
 	}
@@ -307,7 +307,7 @@ func (c *Cluster) Close(ctx context.Context) error {
 	c.closeOnce.Do(func() {
 		c.closed.Store(true)
 		close(c.done)
-		c.mu.Lock() // waits out a recovery in progress; then nothing replaces the pool
+		c.mu.Lock() // a recovery that finishes after this sees closed and keeps nothing
 		pool, anchor := c.pool, c.anchor
 		c.mu.Unlock()
 		perr := pool.Close(ctx)

@@ -262,46 +262,57 @@ func (c *Cluster) recoverLoop() {
 	}
 }
 
-// recover rebuilds the cluster's connection to its token. In-flight calls on the old pool
-// finish there; their sessions are closed as they come back.
+// recover rebuilds the cluster's connection to its token. The slow part (module, token,
+// login) runs without the cluster's lock, so Stats, /readyz and Close never wait on a
+// device that hangs; the new pool is swapped in at the end. In-flight calls on the old
+// pool finish there; their sessions are closed as they come back.
 func (c *Cluster) recover() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c.mu.Lock()
-	old := c.pool
-	go func() { _ = old.Close(ctx) }()
-	if c.anchor != 0 { // an earlier failed attempt may have closed it already
-		_ = c.api.CloseSession(c.anchor)
+	old, oldAnchor := c.pool, c.anchor
+	c.anchor = 0 // an attempt that fails leaves none; Close then closes none
+	c.mu.Unlock()
+	// The old pool must be empty before the module may be re-initialised: C_Finalize under
+	// a call still in flight (or stuck) would pull the module from under it.
+	closeCtx, cancelClose := context.WithTimeout(ctx, 2*time.Second)
+	drained := old.Close(closeCtx) == nil
+	cancelClose()
+	if oldAnchor != 0 {
+		_ = c.api.CloseSession(oldAnchor)
 		c.mod.logout(c.token.Serial)
-		c.anchor = 0
 	}
 	c.handles.clear()
-	if err := c.mod.reinitializeIfSole(); err != nil {
-		c.mu.Unlock()
-		return fmt.Errorf("cluster %s: recover: %w", c.id, err)
+	if drained {
+		if err := c.mod.reinitializeIfSole(); err != nil {
+			return fmt.Errorf("cluster %s: recover: %w", c.id, err)
+		}
 	}
 	slot, ti, err := findToken(c.api, c.serial, c.label)
 	if err == nil && (tokenInfo(ti).Serial != c.token.Serial || tokenInfo(ti).Label != c.token.Label) {
 		err = fmt.Errorf("%w: the token found is not the one the cluster was opened on", ErrTokenNotFound)
 	}
 	if err != nil {
-		c.mu.Unlock()
 		return fmt.Errorf("cluster %s: recover: %w", c.id, err)
 	}
-	c.slot = slot
-	anchor, err := c.login(c.pin)
+	anchor, err := c.login(slot, c.pin)
 	if err != nil {
-		c.mu.Unlock()
 		if errors.Is(err, ErrCredential) {
 			c.fail(err)
 		}
 		return fmt.Errorf("cluster %s: recover: %w", c.id, err)
 	}
-	c.anchor = anchor
-	c.pool = newPool(c.api, c.id, slot, old.size, old.onWait, c.stuckAfter)
+	pool := newPool(c.api, c.id, slot, old.size, old.onWait, c.stuckAfter)
+	c.mu.Lock()
+	if c.closed.Load() { // closed meanwhile: what was just opened is nobody's
+		c.mu.Unlock()
+		_ = c.api.CloseSession(anchor)
+		c.mod.logout(c.token.Serial)
+		return fmt.Errorf("cluster %s: recover: %w", c.id, ErrClosed)
+	}
+	c.slot, c.anchor, c.pool = slot, anchor, pool
 	c.mu.Unlock()
 	if c.cert != nil {
-		pool := c.currentPool()
 		if err := c.proveIdentity(ctx, func(fn func(*Session) ([]byte, error)) ([]byte, error) { return Do(ctx, pool, fn) }); err != nil {
 			return fmt.Errorf("cluster %s: recover: %w", c.id, err)
 		}
