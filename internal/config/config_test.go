@@ -27,6 +27,16 @@ func defaultServer(metricsListen string) Server {
 	}
 }
 
+// chgrp gives file the group gid (the tests run as root on CI; elsewhere only to one's
+// own groups, so a test that needs a foreign group is skipped).
+func chgrp(t *testing.T, file string, gid int) string {
+	t.Helper()
+	if err := os.Chown(file, -1, gid); err != nil {
+		t.Skipf("chown %s to group %d: %v", file, gid, err)
+	}
+	return file
+}
+
 func TestStoreReadDSN(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "dsn")
@@ -711,7 +721,9 @@ func TestPINRead(t *testing.T) {
 		{name: "file 0400, CRLF trimmed", src: PINSource{File: writePINFile(t, secretPIN+"\r\n", 0o400)}, want: secretPIN},
 		{name: "only one newline trimmed", src: PINSource{File: writePINFile(t, secretPIN+" \n\n", 0o600)}, want: secretPIN + " \n"},
 		{name: "file 0644 refused", src: PINSource{File: writePINFile(t, secretPIN, 0o644)}, wantErr: []string{"has mode 0644", "chmod 600"}},
-		{name: "file 0640 refused", src: PINSource{File: writePINFile(t, secretPIN, 0o640)}, wantErr: []string{"has mode 0640", "chmod 600"}},
+		{name: "file 0640 of another group refused", src: PINSource{File: chgrp(t, writePINFile(t, secretPIN, 0o640), 65533)}, wantErr: []string{"has mode 0640", "chmod 600"}},
+		{name: "file 0440 of our own group read (a Kubernetes Secret with fsGroup)", src: PINSource{File: chgrp(t, writePINFile(t, secretPIN, 0o440), os.Getgid())}, want: secretPIN},
+		{name: "file 0660 refused: the group may write it", src: PINSource{File: writePINFile(t, secretPIN, 0o660)}, wantErr: []string{"has mode 0660"}},
 		{name: "empty file", src: PINSource{File: writePINFile(t, "\n", 0o600)}, wantErr: []string{"PIN is empty"}},
 		{name: "huge file", src: PINSource{File: writePINFile(t, strings.Repeat("1", maxPINSize+1), 0o600)}, wantErr: []string{"too large"}},
 		{name: "missing file", src: PINSource{File: "/nonexistent/pin"}, wantErr: []string{"reading PIN from file:/nonexistent/pin"}},

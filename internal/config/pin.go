@@ -8,7 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
+	"syscall"
 
 	yaml "go.yaml.in/yaml/v3"
 )
@@ -156,6 +158,21 @@ func (p PINSource) Read() (string, error) {
 	return pin, nil
 }
 
+// ownGroup reports whether the file's group is one of this process's groups. Group read
+// is allowed then: Kubernetes mounts a Secret for a non-root container as root:fsGroup with
+// group read, and that group is the pod's own.
+func ownGroup(fi os.FileInfo) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return false
+	}
+	if int(st.Gid) == os.Getgid() {
+		return true
+	}
+	groups, _ := os.Getgroups()
+	return slices.Contains(groups, int(st.Gid))
+}
+
 func readPINFile(name string, checkMode bool) (string, error) {
 	f, err := os.Open(name)
 	if err != nil {
@@ -168,7 +185,7 @@ func readPINFile(name string, checkMode bool) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		if perm := fi.Mode().Perm(); perm&0o044 != 0 {
+		if perm := fi.Mode().Perm(); perm&0o027 != 0 || (perm&0o040 != 0 && !ownGroup(fi)) {
 			return "", fmt.Errorf("%s has mode %#o, readable by group or others; run chmod 600 %s", name, uint32(perm), name)
 		}
 	}
