@@ -8,11 +8,11 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"strings"
-	"syscall"
 
 	yaml "go.yaml.in/yaml/v3"
+
+	"github.com/hsmbridge/hsmbridge/internal/secretfile"
 )
 
 // PINSource says where a cluster's PKCS#11 user PIN comes from; exactly one
@@ -158,37 +158,16 @@ func (p PINSource) Read() (string, error) {
 	return pin, nil
 }
 
-// ownGroup reports whether the file's group is one of this process's groups. Group read
-// is allowed then: Kubernetes mounts a Secret for a non-root container as root:fsGroup with
-// group read, and that group is the pod's own.
-func ownGroup(fi os.FileInfo) bool {
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return false
-	}
-	if int(st.Gid) == os.Getgid() {
-		return true
-	}
-	groups, _ := os.Getgroups()
-	return slices.Contains(groups, int(st.Gid))
-}
-
 func readPINFile(name string, checkMode bool) (string, error) {
+	if checkMode {
+		b, err := secretfile.Read(name, maxPINSize)
+		return string(b), err
+	}
 	f, err := os.Open(name)
 	if err != nil {
 		return "", err
 	}
 	defer f.Close()
-	if checkMode {
-		// Stat the open file, not the path, so the file checked is the one read.
-		fi, err := f.Stat()
-		if err != nil {
-			return "", err
-		}
-		if perm := fi.Mode().Perm(); perm&0o027 != 0 || (perm&0o040 != 0 && !ownGroup(fi)) {
-			return "", fmt.Errorf("%s has mode %#o, readable by group or others; run chmod 600 %s", name, uint32(perm), name)
-		}
-	}
 	b, err := io.ReadAll(io.LimitReader(f, maxPINSize+1))
 	if err != nil {
 		return "", err

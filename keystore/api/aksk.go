@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
-	"os"
 	"regexp"
 	"slices"
 	"sort"
@@ -22,6 +21,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/hsmbridge/hsmbridge/internal/secretfile"
 )
 
 // The SDK-HMAC-SHA256 scheme of the Huawei Cloud SDKs (reference/huawei-kms-api.md §2.2).
@@ -182,26 +183,13 @@ func (a *AKSK) Reload() error {
 	return nil
 }
 
+// maxCredentialsFile bounds the credentials file: far above any real set of keys.
+const maxCredentialsFile = 4 << 20
+
 func loadAKSKFile(path string) (*akskSet, error) {
-	f, err := os.Open(path)
+	data, err := secretfile.Read(path, maxCredentialsFile)
 	if err != nil {
-		return nil, fmt.Errorf("aksk credentials file: %w", err)
-	}
-	defer f.Close()
-	// Check the file that was opened, not the name, so a swap in between cannot pass.
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("aksk credentials file: %w", err)
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("aksk credentials file %s: not a regular file", path)
-	}
-	if perm := st.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("aksk credentials file %s: mode %04o lets group or others read it; it holds secret keys, so chmod 600 it", path, perm)
-	}
-	data, err := io.ReadAll(f)
-	if err != nil {
-		return nil, fmt.Errorf("aksk credentials file %s: %w", path, err)
+		return nil, fmt.Errorf("aksk credentials file (it holds secret keys): %w", err)
 	}
 	var doc akskFileYAML
 	dec := yaml.NewDecoder(bytes.NewReader(data))

@@ -612,6 +612,10 @@ func TestAKSK_FileModeRefused(t *testing.T) {
 		if err := os.Chmod(path, mode); err != nil {
 			t.Fatal(err)
 		}
+		// A group that is not ours: group read is allowed only for our own groups.
+		if err := os.Chown(path, -1, 65533); err != nil {
+			t.Skipf("chown to a foreign group: %v", err)
+		}
 		_, err := LoadAKSK(path)
 		if err == nil {
 			t.Errorf("mode %04o: loaded", mode)
