@@ -36,9 +36,12 @@ type handleCache struct {
 	m  map[handleKey]pkcs11.ObjectHandle
 }
 
+// handleKey names a key's object: by CKA_ID (our keys) or, with byLabel, by CKA_LABEL (a
+// key provisioned by someone else, such as a TLS key).
 type handleKey struct {
-	id    string
-	class uint
+	id      string
+	class   uint
+	byLabel bool
 }
 
 func (hc *handleCache) get(k handleKey) (pkcs11.ObjectHandle, bool) {
@@ -74,35 +77,39 @@ func (hc *handleCache) drop(id string) {
 	}
 }
 
-// keyHandle returns the handle of key id's object of class, from the cache or the token.
-func (c *Cluster) keyHandle(s *Session, id string, class uint) (pkcs11.ObjectHandle, error) {
-	k := handleKey{id, class}
+// keyHandle returns the handle of k's object, from the cache or the token.
+func (c *Cluster) keyHandle(s *Session, k handleKey) (pkcs11.ObjectHandle, error) {
 	if h, ok := c.handles.get(k); ok {
 		return h, nil
 	}
-	h, err := s.findOne([]*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(id)),
-	})
+	name := pkcs11.NewAttribute(pkcs11.CKA_ID, []byte(k.id))
+	if k.byLabel {
+		name = pkcs11.NewAttribute(pkcs11.CKA_LABEL, k.id)
+	}
+	h, err := s.findOne([]*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, k.class), name})
 	if err != nil {
-		return 0, fmt.Errorf("key %s: %w", id, err)
+		return 0, fmt.Errorf("key %s: %w", k.id, err)
 	}
 	c.handles.put(k, h)
 	return h, nil
 }
 
-// withKey runs op on a pooled session with key id's handle. When the handle turns out stale
-// it is dropped from the cache, so the next call looks the key up afresh.
-func withKey[T any](ctx context.Context, c *Cluster, id string, class uint, op func(*Session, pkcs11.ObjectHandle) (T, error)) (T, error) {
+// privateKey names our key id's private (or secret) object.
+func privateKey(id string, class uint) handleKey { return handleKey{id: id, class: class} }
+
+// withKey runs op on a pooled session with k's handle. When the handle turns out stale it
+// is dropped from the cache, so the retry (run retries a session-class error once) looks
+// the key up afresh.
+func withKey[T any](ctx context.Context, c *Cluster, k handleKey, op func(*Session, pkcs11.ObjectHandle) (T, error)) (T, error) {
 	return run(ctx, c, true, func(s *Session) (T, error) {
 		var zero T
-		h, err := c.keyHandle(s, id, class)
+		h, err := c.keyHandle(s, k)
 		if err != nil {
 			return zero, err
 		}
 		res, err := op(s, h)
 		if code, ok := Code(err); ok && (code == pkcs11.CKR_OBJECT_HANDLE_INVALID || code == pkcs11.CKR_KEY_HANDLE_INVALID) {
-			c.handles.drop(id)
+			c.handles.drop(k.id)
 		}
 		return res, err
 	})

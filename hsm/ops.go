@@ -37,6 +37,10 @@ var pssHash = map[crypto.Hash][2]uint{
 // SignDigest signs digest (of hash) with private key id by scheme. ECDSA signatures come
 // back in ASN.1 DER, as the wire and Go's crypto/ecdsa expect, not PKCS#11's r‖s.
 func (c *Cluster) SignDigest(ctx context.Context, id string, scheme SignScheme, hash crypto.Hash, digest []byte) ([]byte, error) {
+	return c.signDigest(ctx, privateKey(id, pkcs11.CKO_PRIVATE_KEY), scheme, hash, digest)
+}
+
+func (c *Cluster) signDigest(ctx context.Context, key handleKey, scheme SignScheme, hash crypto.Hash, digest []byte) ([]byte, error) {
 	if len(digest) != hash.Size() {
 		return nil, fmt.Errorf("sign: digest is %d bytes, %v needs %d", len(digest), hash, hash.Size())
 	}
@@ -61,15 +65,15 @@ func (c *Cluster) SignDigest(ctx context.Context, id string, scheme SignScheme, 
 	default:
 		return nil, fmt.Errorf("sign: unknown scheme %d", scheme)
 	}
-	sig, err := withKey(ctx, c, id, pkcs11.CKO_PRIVATE_KEY, func(s *Session, key pkcs11.ObjectHandle) ([]byte, error) {
-		if err := s.api.SignInit(s.h, []*pkcs11.Mechanism{mech}, key); err != nil {
+	sig, err := withKey(ctx, c, key, func(s *Session, h pkcs11.ObjectHandle) ([]byte, error) {
+		if err := s.api.SignInit(s.h, []*pkcs11.Mechanism{mech}, h); err != nil {
 			return nil, opErr(c.id, "C_SignInit", err)
 		}
 		sig, err := s.api.Sign(s.h, input)
 		return sig, opErr(c.id, "C_Sign", err)
 	})
 	if err != nil {
-		return nil, fmt.Errorf("cluster %s: sign with key %s: %w", c.id, id, err)
+		return nil, fmt.Errorf("cluster %s: sign with key %s: %w", c.id, key.id, err)
 	}
 	if scheme == SchemeECDSA {
 		return ecdsaDER(sig)
@@ -98,7 +102,7 @@ func (c *Cluster) DecryptGCM(ctx context.Context, id string, iv, aad, ciphertext
 }
 
 func (c *Cluster) gcm(ctx context.Context, dir, id string, iv, aad, in []byte) ([]byte, error) {
-	out, err := withKey(ctx, c, id, pkcs11.CKO_SECRET_KEY, func(s *Session, key pkcs11.ObjectHandle) ([]byte, error) {
+	out, err := withKey(ctx, c, privateKey(id, pkcs11.CKO_SECRET_KEY), func(s *Session, key pkcs11.ObjectHandle) ([]byte, error) {
 		params := pkcs11.NewGCMParams(iv, aad, 128)
 		defer params.Free() // miekg allocates the parameters in C memory
 		mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}
@@ -128,7 +132,7 @@ func (c *Cluster) gcm(ctx context.Context, dir, id string, iv, aad, in []byte) (
 // CKR_ARGUMENTS_BAD) get raw RSA on the token (CKM_RSA_X_509) and the OAEP decoding, in
 // constant time, on the host; the cluster remembers that and skips the refused attempt.
 func (c *Cluster) DecryptOAEP(ctx context.Context, id string, ciphertext []byte) ([]byte, error) {
-	out, err := withKey(ctx, c, id, pkcs11.CKO_PRIVATE_KEY, func(s *Session, key pkcs11.ObjectHandle) ([]byte, error) {
+	out, err := withKey(ctx, c, privateKey(id, pkcs11.CKO_PRIVATE_KEY), func(s *Session, key pkcs11.ObjectHandle) ([]byte, error) {
 		if !c.oaepOnHost.Load() {
 			mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_OAEP,
 				pkcs11.NewOAEPParams(pkcs11.CKM_SHA256, pkcs11.CKG_MGF1_SHA256, pkcs11.CKZ_DATA_SPECIFIED, nil))}
