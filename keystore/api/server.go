@@ -1,6 +1,7 @@
 // Package api serves the dedicated keystore API over HTTP: routing, authentication, the
 // JSON wire types, the error table, health endpoints and the HTTP and HSM metrics. It calls
-// package keystore for every decision and owns no state of its own beyond metrics.
+// package keystore for every decision; its own state is metrics, the AK/SK replay and
+// lockout memory, and the answers remembered for `sequence` retries.
 package api
 
 import (
@@ -202,17 +203,20 @@ func (s *Server) apiCall(rt route, timeout time.Duration) http.Handler {
 		if err == nil {
 			err = s.withSequence(w, r, who, rt, rt.h)
 		}
-		code := ""
+		code, detail := "", ""
 		if err != nil {
 			writeError(w, r, s.log, err)
 			code = errorCode(err)
+			if ae, ok := errors.AsType[*authError](err); ok {
+				detail = ae.reason // which check refused the credential; never the credential
+			}
 			if hold != nil && hold.release != nil {
 				hold.release()
 			}
 		}
 		s.log.InfoContext(ctx, "audit", "request_id", requestID(ctx), "route", r.Pattern,
 			"who", who.Name, "domain", who.DomainID, "project", r.PathValue("project_id"),
-			"keystore", note.keystore, "key", note.key, "result", resultOf(code), "error_code", code,
+			"keystore", note.keystore, "key", note.key, "result", resultOf(code), "error_code", code, "auth_failure", detail,
 			"latency_ms", float64(time.Since(start).Microseconds())/1000)
 	})
 }
