@@ -112,6 +112,15 @@ func Classify(err error) Class {
 	return ClassOther
 }
 
+// ClassifyCall returns the class of err as the return value of the PKCS#11 function fn:
+// for what sees calls one by one, such as an Interceptor.
+func ClassifyCall(fn string, err error) Class {
+	if code, ok := errors.AsType[pkcs11.Error](err); ok {
+		return classify(fn, code)
+	}
+	return Classify(err)
+}
+
 // OpError is a failed PKCS#11 call on a cluster. It reads like
 // "cluster c1: C_Sign: CKR_DEVICE_ERROR" and unwraps to the pkcs11.Error.
 type OpError struct {

@@ -24,6 +24,8 @@ type Pool struct {
 
 	permits chan struct{} // one per session that may be in use; a full channel is a full pool
 	done    chan struct{} // closed by Close: waiters give up at once
+	empty   chan struct{} // closed once the pool is closed and no session is lent out
+	emptied sync.Once
 	waiters atomic.Int64
 	onWait  func(time.Duration) // told every acquisition's wait
 	// stuckAfter is how long a session may be held before its call counts as stuck.
@@ -65,6 +67,7 @@ func newPool(api PKCS11, cluster string, slot uint, size int, onWait func(time.D
 		api: api, cluster: cluster, slot: slot, size: size,
 		permits:    make(chan struct{}, size),
 		done:       make(chan struct{}),
+		empty:      make(chan struct{}),
 		onWait:     onWait,
 		stuckAfter: stuckAfter,
 		lent:       map[*Session]time.Time{},
@@ -195,19 +198,26 @@ func (p *Pool) release(s *Session, class Class) {
 	if time.Since(p.lent[s]) > p.stuckAfter {
 		p.stuckLong++
 	}
-	delete(p.lent, s)
 	drop := evict || p.closed
-	if drop {
-		p.open--
-		if evict {
-			p.evictions[class]++
-		}
-	} else {
+	if !drop {
+		delete(p.lent, s)
 		p.idle = append(p.idle, s.h)
 	}
 	p.mu.Unlock()
 	if drop {
 		_ = p.api.CloseSession(s.h) // best effort: the session is already unusable or unwanted
+		p.mu.Lock()
+		// Lent until closed: Close's caller may finalize the module once none is lent.
+		delete(p.lent, s)
+		p.open--
+		if evict {
+			p.evictions[class]++
+		}
+		empty := p.closed && len(p.lent) == 0
+		p.mu.Unlock()
+		if empty {
+			p.emptied.Do(func() { close(p.empty) })
+		}
 	}
 	<-p.permits
 }
@@ -247,35 +257,32 @@ func (p *Pool) stuckLocked() int {
 	return n
 }
 
-// Close stops lending sessions, waits (bounded by ctx) for the ones in use to come back,
-// and closes every worker session. It never calls C_Logout: the login belongs to the anchor.
+// Close stops lending sessions, waits (bounded by ctx) for the ones in use to come back
+// and be closed, and closes every idle worker session. It may be called again, and waits
+// again. It never calls C_Logout: the login belongs to the anchor.
 func (p *Pool) Close(ctx context.Context) error {
 	p.mu.Lock()
-	if p.closed {
-		p.mu.Unlock()
-		return nil
+	if !p.closed {
+		p.closed = true
+		close(p.done)
 	}
-	p.closed = true
-	close(p.done)
-	p.mu.Unlock()
-	var err error
-	for range p.size { // holding every permit means no session is lent out
-		select {
-		case p.permits <- struct{}{}:
-		case <-ctx.Done():
-			err = fmt.Errorf("cluster %s: close pool: sessions still in use: %w", p.cluster, ctx.Err())
-		}
-		if err != nil {
-			break
-		}
-	}
-	p.mu.Lock()
 	idle := p.idle
 	p.idle = nil
 	p.open -= len(idle)
+	empty := len(p.lent) == 0
 	p.mu.Unlock()
 	for _, h := range idle {
 		_ = p.api.CloseSession(h)
 	}
-	return err
+	if empty {
+		p.emptied.Do(func() { close(p.empty) })
+	}
+	// Closing again waits again: a caller about to finalize the module must know that no
+	// session is still in a call, whoever closed the pool first.
+	select {
+	case <-p.empty:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("cluster %s: close pool: sessions still in use: %w", p.cluster, ctx.Err())
+	}
 }

@@ -137,7 +137,9 @@ func (c *Cluster) record(err error) {
 	case ClassCredential:
 		c.fail(err)
 	default:
-		if err == nil || Classify(err) == ClassCaller {
+		// Only a success shows the device works: a caller-class failure (a tampered
+		// ciphertext) must not keep a dying device's breaker from opening.
+		if err == nil {
 			c.health.mu.Lock()
 			c.health.consecutive = 0
 			c.health.mu.Unlock()
@@ -165,9 +167,6 @@ func (c *Cluster) setHealth(h Health) {
 	c.health.mu.Lock()
 	changed := c.health.h.State != h.State
 	c.health.h = h
-	if h.State == StateUnavailable && changed {
-		c.health.opened++
-	}
 	if h.State == StateHealthy {
 		c.health.consecutive = 0
 	}
@@ -177,15 +176,21 @@ func (c *Cluster) setHealth(h Health) {
 	}
 }
 
-// open opens the breaker, once, and starts recovery.
+// open opens the breaker and starts recovery, once: of callers racing here, only the one
+// that makes the transition starts a recovery loop.
 func (c *Cluster) open(reason string) {
+	h := Health{State: StateUnavailable, Reason: reason, Since: time.Now()}
 	c.health.mu.Lock()
 	if c.health.h.State != StateHealthy {
 		c.health.mu.Unlock()
 		return
 	}
+	c.health.h = h
+	c.health.opened++
 	c.health.mu.Unlock()
-	c.setHealth(Health{State: StateUnavailable, Reason: reason, Since: time.Now()})
+	if c.onHealth != nil {
+		c.onHealth(h)
+	}
 	go c.recoverLoop()
 }
 

@@ -531,12 +531,6 @@ func TestBreaker_FaultInjected(t *testing.T) {
 
 			device()
 			healthy("after 1 device fault")
-			f.Fail("C_FindObjectsInit", pkcs11.CKR_ARGUMENTS_BAD, 1)
-			if _, err := cl.DataObjects(ctx); classOf(t, err) != hsm.ClassCaller {
-				t.Fatalf("err = %v, want a caller-class error", err)
-			}
-			device()
-			healthy("after device, caller, device")
 			if _, err := cl.DataObjects(ctx); err != nil {
 				t.Fatal(err)
 			}
@@ -703,4 +697,23 @@ func TestBreaker_ProbeDeviceFault_FaultInjected(t *testing.T) {
 		t.Errorf("health %+v after 2 device-class probe failures in a row, want unavailable", h)
 	}
 	waitFor(t, "recovery", func() bool { return cl.Health().State == hsm.StateHealthy })
+}
+
+// TestBreaker_CallerErrorsDoNotResetTheCount_FaultInjected: only a success shows the device
+// works; caller-class failures (say, tampered ciphertexts) between device faults must not
+// keep a dying device's breaker closed.
+func TestBreaker_CallerErrorsDoNotResetTheCount_FaultInjected(t *testing.T) {
+	var f hsmtest.Faults
+	cl, _ := newCluster(t, intercept(f.Interceptor()), func(c *hsm.ClusterConfig) { c.BreakerThreshold = 2 })
+	ctx := t.Context()
+	f.Fail("C_GetSlotList", pkcs11.CKR_DEVICE_ERROR, -1) // keep recovery from closing it again
+	for i, code := range []uint{pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_ARGUMENTS_BAD, pkcs11.CKR_DEVICE_ERROR} {
+		f.Fail("C_FindObjectsInit", code, 1)
+		if _, err := cl.DataObjects(ctx); err == nil {
+			t.Fatalf("call %d succeeded, want the injected %#x", i, code)
+		}
+	}
+	if h := cl.Health(); h.State != hsm.StateUnavailable {
+		t.Errorf("after device, caller, device: %+v, want the breaker open", h)
+	}
 }

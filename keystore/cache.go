@@ -17,8 +17,9 @@ import (
 //     this one.
 //
 // This daemon's own writes drop the entry before and after the store write; a reader that
-// missed caches what it read only if no drop happened since it looked (version), so a read
-// that raced a write never re-caches the old row. A short-lived cache rather than LISTEN/
+// missed caches what it read only if no drop happened since it looked (version: one
+// counter for the whole cache, so it never grows; a drop of another row merely costs a
+// racing reader its cache fill), so a read that raced a write never re-caches the old row. A short-lived cache rather than LISTEN/
 // NOTIFY: it needs no extra connection, no reconnect logic, and works the same on SQLite;
 // its bound holds even when notifications would be lost.
 type cache[V any] struct {
@@ -26,7 +27,7 @@ type cache[V any] struct {
 
 	mu  sync.RWMutex
 	m   map[string]entry[V]
-	gen map[string]uint64
+	gen uint64 // drops so far
 }
 
 type entry[V any] struct {
@@ -59,11 +60,11 @@ func (c *cache[V]) lookup(id string, now time.Time) (v V, fresh bool, stale *V) 
 	return v, false, nil
 }
 
-// version returns id's drop count, to pass to putIf after reading the store.
-func (c *cache[V]) version(id string) uint64 {
+// version returns the drop count, to pass to putIf after reading the store.
+func (c *cache[V]) version() uint64 {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	return c.gen[id]
+	return c.gen
 }
 
 // put caches v for id, read at now, unconditionally: for the writer of the row.
@@ -73,11 +74,11 @@ func (c *cache[V]) put(id string, v V, now time.Time) {
 	c.putLocked(id, v, now)
 }
 
-// putIf caches v for id if id was not dropped since version returned ver.
+// putIf caches v for id if nothing was dropped since version returned ver.
 func (c *cache[V]) putIf(id string, v V, now time.Time, ver uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.gen[id] == ver {
+	if c.gen == ver {
 		c.putLocked(id, v, now)
 	}
 }
@@ -93,10 +94,7 @@ func (c *cache[V]) drop(id string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.m, id)
-	if c.gen == nil {
-		c.gen = map[string]uint64{}
-	}
-	c.gen[id]++
+	c.gen++
 }
 
 // read returns id's row: fresh from the cache, else from fetch (caching rows keep says
@@ -106,7 +104,7 @@ func (c *cache[V]) read(id string, now time.Time, fetch func() (V, error), keep 
 	if fresh {
 		return v, nil
 	}
-	ver := c.version(id)
+	ver := c.version()
 	v, err := fetch()
 	if err == nil {
 		if keep(v) {

@@ -91,7 +91,7 @@ func (s *Service) CreateKey(ctx context.Context, who Caller, req CreateKeyReques
 	}
 	if req.Sequence != "" {
 		if k, err := s.store.KeyBySequence(ctx, who.DomainID, req.Sequence); err == nil {
-			return k, nil
+			return sequencedKey(k, req)
 		}
 	}
 	ks, cl, err := s.enabledKeystore(ctx, who, req.KeystoreID)
@@ -110,7 +110,7 @@ func (s *Service) CreateKey(ctx context.Context, who Caller, req CreateKeyReques
 			return store.Key{}, newError(KindDuplicateKeyAlias, "key alias %q already exists", req.Alias)
 		case errors.Is(err, store.ErrDuplicateSequence):
 			if k, err := s.store.KeyBySequence(ctx, who.DomainID, req.Sequence); err == nil {
-				return k, nil // a concurrent retry won the race
+				return sequencedKey(k, req) // a concurrent retry won the race
 			}
 			return store.Key{}, newError(KindInvalidSequence, "sequence %q is already in use", req.Sequence)
 		case errors.Is(err, store.ErrNotFound):
@@ -141,6 +141,18 @@ func (s *Service) CreateKey(ctx context.Context, who Caller, req CreateKeyReques
 		return store.Key{}, err
 	}
 	s.keys.put(k.ID, k, s.now())
+	return k, nil
+}
+
+// sequencedKey answers a create-key retried with the sequence of key k: k itself, if it is
+// made and the request is the one that made it.
+func sequencedKey(k store.Key, req CreateKeyRequest) (store.Key, error) {
+	switch {
+	case k.State == store.KeyCreating:
+		return store.Key{}, newError(KindInvalidSequence, "the key of sequence %q is still being created; retry shortly", req.Sequence)
+	case k.Alias != req.Alias || k.Spec != req.Spec || k.Usage != req.Usage || k.KeystoreID != req.KeystoreID:
+		return store.Key{}, newError(KindInvalidSequence, "sequence %q was already used for a different key", req.Sequence)
+	}
 	return k, nil
 }
 
@@ -350,29 +362,46 @@ func (s *Service) keyTransition(ctx context.Context, who Caller, id string, from
 	return k, nil
 }
 
-// DestroyDueKeys destroys, on their tokens, the keys whose pending deletion has come, and
-// then their rows. It returns how many went. The daemon calls it periodically; tests call it
-// after moving the clock.
+// DestroyDueKeys destroys the keys whose pending deletion has come, and returns how many
+// went. Each key's row goes first, as a compare-and-delete that a cancellation made
+// meanwhile wins; then its objects on the token. A crash between the two leaves objects
+// with no row, which repair removes. One key's failure does not hold up the others. The
+// daemon calls it periodically; tests call it after moving the clock.
 func (s *Service) DestroyDueKeys(ctx context.Context) (int, error) {
-	due, err := s.store.DueDeletions(ctx, s.now())
+	now := s.now()
+	due, err := s.store.DueDeletions(ctx, now)
 	if err != nil {
 		return 0, err
 	}
 	n := 0
+	var errs []error
 	for _, k := range due {
 		ks, err := s.store.GetKeystore(ctx, k.KeystoreID)
 		if err != nil {
-			return n, err
+			errs = append(errs, err)
+			continue
 		}
 		cl, ok := s.clusters[ks.ClusterID]
 		if !ok {
 			continue // its token is out of reach; try again when the cluster is configured
 		}
-		if err := s.removeKey(ctx, cl, k.ID); err != nil {
-			return n, err
+		s.keys.drop(k.ID)
+		err = s.store.DeleteDueKey(ctx, k.ID, now)
+		s.keys.drop(k.ID)
+		switch {
+		case errors.Is(err, store.ErrStateConflict):
+			continue // cancelled (or already gone) since the snapshot
+		case err != nil:
+			errs = append(errs, err)
+			continue
+		}
+		if err := cl.DestroyKey(ctx, k.ID); err != nil {
+			s.log.Error("key row deleted, its objects not yet; repair will remove them", "key", k.ID, "cluster", cl.ID(), "err", err)
+			errs = append(errs, err)
+			continue
 		}
 		s.log.Info("key destroyed after its pending deletion", "key", k.ID, "keystore", k.KeystoreID, "cluster", cl.ID())
 		n++
 	}
-	return n, nil
+	return n, errors.Join(errs...)
 }

@@ -165,14 +165,15 @@ func (s *Service) checkBinding(ctx context.Context, k store.Keystore) error {
 	return newError(KindTokenMismatch, "the token of HSM cluster %s does not hold this keystore's binding marker (was it re-initialised?)", cl.ID())
 }
 
-// deleteRefused answers a delete whose last step failed. Keys that still name the keystore
-// (the store's foreign key says so) put it back to DISABLED: nothing was removed.
+// deleteRefused answers a delete whose row could not be removed: keys still name the
+// keystore (the store's foreign key says so), or the store failed. Nothing was removed, so
+// the keystore goes back to DISABLED.
 func (s *Service) deleteRefused(ctx context.Context, id string, err error) error {
-	if !errors.Is(err, store.ErrKeystoreHasKeys) {
-		return hsmError("delete keystore", err)
-	}
 	if berr := s.store.SetKeystoreState(ctx, id, store.StateDeleting, store.StateDisabled, s.now()); berr != nil {
-		s.log.Error("delete keystore: could not return it to DISABLED; start-up repair will", "keystore", id, "err", berr)
+		s.log.Error("delete keystore: could not return it to DISABLED; repair will", "keystore", id, "err", berr)
+	}
+	if !errors.Is(err, store.ErrKeystoreHasKeys) {
+		return storeError("delete keystore", err)
 	}
 	return newError(KindStateConflict, "keystore %s still holds keys; delete them first", id)
 }
@@ -207,19 +208,19 @@ func (s *Service) DeleteKeystore(ctx context.Context, who Caller, id string) err
 			return err
 		}
 	}
-	cl, ok := s.clusters[k.ClusterID]
-	if !ok {
-		// The token is out of reach; its marker becomes an orphan the next time the cluster
-		// is configured, and start-up repair removes it then.
-		s.log.Warn("delete keystore: cluster not configured, marker left on its token", "keystore", id, "cluster", k.ClusterID)
-		err := s.store.DeleteKeystore(ctx, id)
-		if err == nil || errors.Is(err, store.ErrNotFound) {
-			return nil
-		}
+	s.keystores.drop(id)
+	err = s.store.DeleteKeystore(ctx, id)
+	s.keystores.drop(id)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		return s.deleteRefused(ctx, id, err)
 	}
-	if err := s.unbind(ctx, cl, id); err != nil {
-		return s.deleteRefused(ctx, id, err)
+	// The row is gone, so the delete has happened; the marker is tidied after it. If it
+	// cannot be removed now, or its token is out of reach, repair removes the orphan later.
+	cl, ok := s.clusters[k.ClusterID]
+	if !ok {
+		s.log.Warn("delete keystore: cluster not configured, marker left on its token", "keystore", id, "cluster", k.ClusterID)
+	} else if err := cl.DestroyData(ctx, markerLabel(id)); err != nil {
+		s.log.Warn("delete keystore: marker left on the token; repair will remove it", "keystore", id, "cluster", cl.ID(), "err", err)
 	}
 	s.setMismatched(id, false)
 	return nil

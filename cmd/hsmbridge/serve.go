@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -83,11 +84,20 @@ func openDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (_ *d
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := api.NewMetrics(reg, reg, version)
 	var bound []keystore.Cluster
+	tokens := map[string]string{} // resolved module + serial → cluster id
 	for i, cc := range cfg.Clusters {
 		cl, err := openCluster(ctx, cc, metrics, log)
 		if err != nil {
 			return nil, fmt.Errorf("clusters[%d]: %w", i, err)
 		}
+		// Two ids for one token (a serial here, a label there; a module spelled through a
+		// symlink) would let each cluster's repair take the other's markers for orphans.
+		module, _ := filepath.EvalSymlinks(cc.Module)
+		tok := module + "\x00" + cl.Token().Serial
+		if other, dup := tokens[tok]; dup {
+			return nil, errors.Join(fmt.Errorf("clusters[%d] (%s) selects the same token as cluster %s (serial %s)", i, cc.ID, other, cl.Token().Serial), cl.Close(ctx))
+		}
+		tokens[tok] = cc.ID
 		d.clusters = append(d.clusters, cl)
 		bound = append(bound, keystore.Cluster{Type: cc.Type, Cluster: cl})
 		log.Info("cluster ready", "cluster", cc.ID, "token_label", cl.Token().Label, "token_serial", cl.Token().Serial,

@@ -11,8 +11,9 @@ func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
+// clusterReadiness names no keystore: /readyz answers anyone, and keystore ids are a
+// tenant's own.
 type clusterReadiness struct {
-	KeystoreID          string `json:"keystore_id"`
 	KeystoreEnabled     bool   `json:"keystore_enabled"`
 	ConnectionState     string `json:"connection_state"`
 	ConnectionErrorCode string `json:"connection_error_code,omitempty"`
@@ -30,7 +31,7 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 	}
 	clusters := make(map[string]clusterReadiness, len(rs))
 	for _, c := range rs {
-		clusters[c.ClusterID] = clusterReadiness{c.KeystoreID, c.Enabled, c.State, c.Code}
+		clusters[c.ClusterID] = clusterReadiness{c.Enabled, c.State, c.Code}
 		if c.Enabled && c.State != keystore.Connected {
 			status, body["status"] = http.StatusServiceUnavailable, "not ready"
 		}

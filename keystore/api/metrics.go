@@ -84,7 +84,7 @@ func (m *Metrics) HSMCalls(cluster string) hsm.Interceptor {
 		err := call()
 		result := "ok"
 		if err != nil {
-			result = hsm.Classify(err).String()
+			result = hsm.ClassifyCall(fn, err).String()
 		}
 		calls.WithLabelValues(fn, result).Observe(time.Since(start).Seconds())
 		return err

@@ -379,6 +379,19 @@ func (s *Postgres) DeleteKey(ctx context.Context, id string) error {
 	return nil
 }
 
+// DeleteDueKey implements Store.
+func (s *Postgres) DeleteDueKey(ctx context.Context, id string, now time.Time) error {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM keys WHERE id = $1 AND state = $2 AND deletion_at <= $3`,
+		id, string(KeyPendingDeletion), now.UnixMilli())
+	if err != nil {
+		return fmt.Errorf("store: delete due key %s: %w", id, ctxErr(ctx, err))
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("store: delete due key %s: %w", id, ErrStateConflict)
+	}
+	return nil
+}
+
 // CountKeys implements Store. An unknown keystore holds 0 keys.
 func (s *Postgres) CountKeys(ctx context.Context, keystoreID string) (int, error) {
 	var n int

@@ -267,6 +267,21 @@ func (s *SQLite) CreateKey(ctx context.Context, k Key) error {
 	return nil
 }
 
+// DeleteDueKey implements Store.
+func (s *SQLite) DeleteDueKey(ctx context.Context, id string, now time.Time) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM keys WHERE id = ? AND state = ? AND deletion_at <= ?`,
+		id, string(KeyPendingDeletion), now.UnixMilli())
+	if err != nil {
+		return fmt.Errorf("store: delete due key %s: %w", id, err)
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return fmt.Errorf("store: delete due key %s: %w", id, err)
+	} else if n == 0 {
+		return fmt.Errorf("store: delete due key %s: %w", id, ErrStateConflict)
+	}
+	return nil
+}
+
 // GetKey implements Store.
 func (s *SQLite) GetKey(ctx context.Context, id string) (Key, error) {
 	row := s.db.QueryRowContext(ctx, `SELECT `+keyColumns+` FROM keys WHERE id = ?`, id)

@@ -148,6 +148,9 @@ type Store interface {
 	ActivateKey(ctx context.Context, id string, publicKey []byte, at time.Time) error
 	// DeleteKey removes the row; ErrNotFound if absent.
 	DeleteKey(ctx context.Context, id string) error
+	// DeleteDueKey removes the row only if it is PENDING_DELETION and due at now, as one
+	// compare-and-delete, so a deletion cancelled meanwhile wins; ErrStateConflict else.
+	DeleteDueKey(ctx context.Context, id string, now time.Time) error
 	// CountKeys returns how many keys (any state) live in the keystore.
 	CountKeys(ctx context.Context, keystoreID string) (int, error)
 	// DueDeletions returns PENDING_DELETION keys whose DeletionAt is at or before now,
