@@ -468,6 +468,37 @@ func testStoreKeys(t *testing.T, open func(t *testing.T) Store) {
 		}
 	})
 
+	t.Run("DeleteDueKey", func(t *testing.T) {
+		s, kss := withKeystores(t, 1)
+		now := baseTime.Add(30 * 24 * time.Hour).Truncate(time.Millisecond)
+		due := newKey(1, kss[0].ID)
+		due.State, due.DeletionAt = KeyPendingDeletion, now.Add(-time.Minute)
+		notYet := newKey(2, kss[0].ID)
+		notYet.State, notYet.DeletionAt = KeyPendingDeletion, now.Add(time.Minute)
+		cancelled := newKey(3, kss[0].ID)
+		cancelled.State, cancelled.DeletionAt = KeyPendingDeletion, now.Add(-time.Minute)
+		mustCreateKey(t, s, due, notYet, cancelled)
+		if err := s.SetKeyState(ctx, cancelled.ID, KeyPendingDeletion, KeyDisabled, now, time.Time{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.DeleteDueKey(ctx, due.ID, now); err != nil {
+			t.Fatalf("DeleteDueKey(due): %v", err)
+		}
+		if _, err := s.GetKey(ctx, due.ID); !errors.Is(err, ErrNotFound) {
+			t.Errorf("the due key is still there: %v", err)
+		}
+		for _, k := range []Key{notYet, cancelled, due} {
+			if err := s.DeleteDueKey(ctx, k.ID, now); !errors.Is(err, ErrStateConflict) {
+				t.Errorf("DeleteDueKey(%s) = %v, want ErrStateConflict", k.ID, err)
+			}
+		}
+		for _, k := range []Key{notYet, cancelled} {
+			if _, err := s.GetKey(ctx, k.ID); err != nil {
+				t.Errorf("key %s removed: %v", k.ID, err)
+			}
+		}
+	})
+
 	t.Run("CountKeys", func(t *testing.T) {
 		s, kss := withKeystores(t, 3)
 		for i, st := range []KeyState{KeyCreating, KeyEnabled, KeyDisabled, KeyPendingDeletion, KeyEnabled} {
