@@ -20,6 +20,7 @@ func authSchemes(c config.Auth, m *api.Metrics) (api.Schemes, error) {
 		if sc.Tokens, err = api.LoadTokenFile(c.TokenFile); err != nil {
 			return sc, err
 		}
+		sc.Tokens.OnFailure = m.AuthFailure("token")
 	}
 	if c.AKSKFile != "" {
 		if sc.AKSK, err = api.LoadAKSK(c.AKSKFile); err != nil {

@@ -45,3 +45,30 @@ func TestHealthProbeRunsWithoutTraffic(t *testing.T) {
 		time.Sleep(20 * time.Millisecond) // polling for a state, bounded by the deadline
 	}
 }
+
+// TestTokenFileFailuresCounted: refusals of the static token file are counted like those of
+// the other schemes, by reason.
+func TestTokenFileFailuresCounted(t *testing.T) {
+	env := newEnv(t, "c1")
+	base, stop := startDaemon(t, env)
+	defer stop()
+	url := base + "/v1.0/" + env.ProjectID + "/keystores"
+	do(t, http.MethodGet, url, "", "")
+	do(t, http.MethodGet, url, "not-a-known-token", "")
+	do(t, http.MethodGet, url, "not-a-known-token", "")
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for series, want := range map[string]string{
+		`hsmbridge_auth_failures_total{reason="missing",scheme="token"}`:       "1",
+		`hsmbridge_auth_failures_total{reason="unknown_token",scheme="token"}`: "2",
+	} {
+		m := regexp.MustCompile(regexp.QuoteMeta(series) + ` (\d+)`).FindSubmatch(body)
+		if m == nil || string(m[1]) != want {
+			t.Errorf("%s = %q, want %s", series, m, want)
+		}
+	}
+}

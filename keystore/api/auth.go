@@ -64,12 +64,14 @@ func (sc Schemes) Authenticate(r *http.Request) (Identity, error) {
 	}
 	tok := r.Header.Get("X-Auth-Token")
 	switch {
-	case tok == "":
-		return Identity{}, &authError{"x-auth-token not found"}
 	case strings.Count(tok, ".") == 2 && sc.JWT != nil:
 		return sc.JWT.Authenticate(r)
-	case sc.Tokens != nil:
+	case sc.Tokens != nil: // also counts a missing credential
 		return sc.Tokens.Authenticate(r)
+	case sc.JWT != nil:
+		return sc.JWT.Authenticate(r)
+	case tok == "":
+		return Identity{}, &authError{"x-auth-token not found"}
 	}
 	return Identity{}, &authError{"the token is not valid"}
 }
@@ -89,7 +91,21 @@ type Authenticator interface {
 //	    domain_id: b168fe00ff56492495a7d22974df2d0b
 //	    project_ids: [0123456789abcdef0123456789abcdef]
 type TokenFile struct {
+	// OnFailure, if set, is called for every refused token with one of
+	// TokenFailureReasons. Set it before the first Authenticate.
+	OnFailure func(reason string)
+
 	byHash map[string]Identity
+}
+
+// TokenFailureReasons lists the reasons TokenFile reports to OnFailure.
+func TokenFailureReasons() []string { return []string{"missing", "unknown_token"} }
+
+func (tf *TokenFile) fail(reason, msg string) error {
+	if tf.OnFailure != nil {
+		tf.OnFailure(reason)
+	}
+	return &authError{msg}
 }
 
 type tokenFileYAML struct {
@@ -147,11 +163,11 @@ func HashToken(token string) string {
 func (tf *TokenFile) Authenticate(r *http.Request) (Identity, error) {
 	tok := r.Header.Get("X-Auth-Token")
 	if tok == "" {
-		return Identity{}, &authError{"x-auth-token not found"}
+		return Identity{}, tf.fail("missing", "x-auth-token not found")
 	}
 	id, ok := tf.byHash[HashToken(tok)]
 	if !ok {
-		return Identity{}, &authError{"the token is not valid"}
+		return Identity{}, tf.fail("unknown_token", "the token is not valid")
 	}
 	return id, nil
 }

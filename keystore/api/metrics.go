@@ -50,13 +50,16 @@ func NewMetrics(reg prometheus.Registerer, g prometheus.Gatherer, version string
 	}
 	m.authFail = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "hsmbridge_auth_failures_total",
-		Help: "Requests refused for their credential, by scheme (aksk, jwt) and reason.",
+		Help: "Requests refused for their credential, by scheme (aksk, jwt, token) and reason.",
 	}, []string{"scheme", "reason"})
 	for _, r := range AKSKFailureReasons() {
 		m.authFail.WithLabelValues("aksk", r)
 	}
 	for _, r := range JWTFailureReasons() {
 		m.authFail.WithLabelValues("jwt", r)
+	}
+	for _, r := range TokenFailureReasons() {
+		m.authFail.WithLabelValues("token", r)
 	}
 	build := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "hsmbridge_build_info",
