@@ -387,6 +387,24 @@ func TestPostgresContextBoundsBlockedCall(t *testing.T) {
 	if err := s.DeleteKeystore(cancelled, k.ID); !errors.Is(err, context.Canceled) {
 		t.Fatalf("DeleteKeystore cancelled while blocked = %v, want context.Canceled", err)
 	}
+	// pgx returns at once and asks the server to cancel asynchronously: until the server
+	// has, the DELETE still waits for the lock, and releasing it now would let it run (as
+	// with any database, a call whose context ended may still take effect). Wait until no
+	// statement of this database waits for a lock.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		var waiting int
+		if err := s.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&waiting); err != nil {
+			t.Fatal(err)
+		}
+		if waiting == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the cancelled DELETE still waits on the server")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	end(true)
 	got, err := s.GetKeystore(ctx, k.ID)
 	if err != nil {
