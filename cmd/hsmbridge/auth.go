@@ -2,11 +2,9 @@ package main
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"net/http"
-	"os"
 
 	"github.com/hsmbridge/hsmbridge/internal/config"
 	"github.com/hsmbridge/hsmbridge/keystore/api"
@@ -60,26 +58,23 @@ func reloadAuth(sc api.Schemes, log *slog.Logger) {
 }
 
 // trustedServer configures the trusted frontend's listener: peer credentials on a Unix
-// socket, or mutual TLS on TCP.
-func trustedServer(c config.Trusted, srv *http.Server) error {
+// socket, or mutual TLS on TCP, its certificate and key reloaded on change like the public
+// listener's.
+func trustedServer(c config.Trusted, srv *http.Server, log *slog.Logger) error {
 	if network, _ := config.SplitListen(c.Listen); network == "unix" {
 		srv.ConnContext = api.PeerCredContext
 		return nil
 	}
-	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+	certs, err := newCertReloader(c.CertFile, c.KeyFile, nil, log)
 	if err != nil {
 		return fmt.Errorf("auth.trusted: %w", err)
 	}
-	caPEM, err := os.ReadFile(c.ClientCA)
+	pool, err := loadClientCAs(c.ClientCA)
 	if err != nil {
 		return fmt.Errorf("auth.trusted.client_ca: %w", err)
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(caPEM) {
-		return fmt.Errorf("auth.trusted.client_ca %s: no PEM certificate", c.ClientCA)
-	}
 	srv.TLSConfig = &tls.Config{
-		Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert,
+		GetCertificate: certs.GetCertificate, ClientAuth: tls.RequireAndVerifyClientCert,
 		ClientCAs: pool, MinVersion: tls.VersionTLS12,
 	}
 	return nil

@@ -298,7 +298,7 @@ func (d *daemon) extraListeners() ([]served, error) {
 	var out []served
 	if d.trusted != nil {
 		srv := d.newHTTPServer(d.trusted)
-		if err := trustedServer(d.cfg.Auth.Trusted, srv); err != nil {
+		if err := trustedServer(d.cfg.Auth.Trusted, srv, d.log); err != nil {
 			return nil, err
 		}
 		ln, err := listenOn(d.cfg.Auth.Trusted.Listen)

@@ -101,17 +101,25 @@ func publicTLS(c config.TLS, log *slog.Logger) (_ *tls.Config, closeKey func() e
 		GetCertificate: r.GetCertificate,
 	}
 	if c.ClientCA != "" {
-		caPEM, err := os.ReadFile(c.ClientCA)
-		if err != nil {
+		if tc.ClientCAs, err = loadClientCAs(c.ClientCA); err != nil {
 			return nil, nil, fmt.Errorf("client_ca: %w", err)
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(caPEM) {
-			return nil, nil, fmt.Errorf("client_ca %s: no PEM certificate", c.ClientCA)
-		}
-		tc.ClientCAs, tc.ClientAuth = pool, tls.RequireAndVerifyClientCert
+		tc.ClientAuth = tls.RequireAndVerifyClientCert
 	}
 	return tc, closeKey, nil
+}
+
+// loadClientCAs reads the PEM CAs that client certificates must chain to.
+func loadClientCAs(file string) (*x509.CertPool, error) {
+	caPEM, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("%s: no PEM certificate", file)
+	}
+	return pool, nil
 }
 
 // certReloader serves a certificate from files, reloading it when the files change. With
