@@ -2,13 +2,11 @@ package hsm
 
 import (
 	"context"
-	"crypto"
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"fmt"
-	"math/big"
 
 	"github.com/miekg/pkcs11"
 )
@@ -57,24 +55,13 @@ func (c *Cluster) proveIdentity(ctx context.Context, do func(func(*Session) ([]b
 	if err != nil {
 		return fmt.Errorf("cluster %s: prove identity: %w", c.id, err)
 	}
-	if !verifyIdentity(c.cert.PublicKey, digest[:], sig) {
+	if mech == pkcs11.CKM_ECDSA {
+		if sig, err = ecdsaDER(sig); err != nil {
+			return fmt.Errorf("cluster %s: %w: %w", c.id, ErrIdentity, err)
+		}
+	}
+	if !verifyDER(c.cert.PublicKey, digest[:], sig) {
 		return fmt.Errorf("cluster %s: %w: the token's key %q does not match the identity certificate", c.id, ErrIdentity, c.keyLabel)
 	}
 	return nil
-}
-
-func verifyIdentity(pub crypto.PublicKey, digest, sig []byte) bool {
-	switch pub := pub.(type) {
-	case *ecdsa.PublicKey:
-		if len(sig)%2 != 0 {
-			return false
-		}
-		// PKCS#11 returns r‖s, each half the signature.
-		r := new(big.Int).SetBytes(sig[:len(sig)/2])
-		s := new(big.Int).SetBytes(sig[len(sig)/2:])
-		return ecdsa.Verify(pub, digest, r, s)
-	case *rsa.PublicKey:
-		return rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest, sig) == nil
-	}
-	return false
 }

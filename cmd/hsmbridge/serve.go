@@ -326,32 +326,35 @@ func (d *daemon) extraListeners() ([]served, error) {
 // half-done work is repaired. Pending periods are days long, so a minute late is immaterial.
 const deletionSweep = time.Minute
 
-// sweepDeletions destroys due keys until ctx ends.
+// sweepDeletions destroys due keys, and repairs what a request left half-done (a failed
+// undo) without a restart once it is old enough not to be a create still in flight.
 func (d *daemon) sweepDeletions(ctx context.Context) {
-	t := time.NewTicker(deletionSweep)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if _, err := d.svc.DestroyDueKeys(ctx); err != nil && ctx.Err() == nil {
-				d.log.Error("destroying keys due for deletion", "err", err)
-			}
-			// What a request left half-done (a failed undo) is repaired without a restart,
-			// once it is old enough not to be a create still in flight.
-			if err := d.svc.Reconcile(ctx, keystore.RepairGrace); err != nil && ctx.Err() == nil {
-				d.log.Error("periodic repair", "err", err)
-			}
+	every(ctx, deletionSweep, func() {
+		if _, err := d.svc.DestroyDueKeys(ctx); err != nil && ctx.Err() == nil {
+			d.log.Error("destroying keys due for deletion", "err", err)
 		}
-	}
+		if err := d.svc.Reconcile(ctx, keystore.RepairGrace); err != nil && ctx.Err() == nil {
+			d.log.Error("periodic repair", "err", err)
+		}
+	})
 }
 
-// probe proves cl's identity every interval until ctx ends. The proof runs through the
-// cluster's error rules like any call, so a dead device opens its breaker (and /readyz
-// says so) before a customer's request finds out; it uses the identity key, never a
-// customer key, so key audit trails stay clean.
+// probe proves cl's identity every interval. The proof runs through the cluster's error
+// rules like any call, so a dead device opens its breaker (and /readyz says so) before a
+// customer's request finds out; it uses the identity key, never a customer key, so key
+// audit trails stay clean.
 func (d *daemon) probe(ctx context.Context, cl *hsm.Cluster, interval time.Duration) {
+	every(ctx, interval, func() {
+		pctx, cancel := context.WithTimeout(ctx, min(interval, 5*time.Second))
+		defer cancel()
+		if err := cl.ProveIdentity(pctx); err != nil && ctx.Err() == nil {
+			d.log.Warn("cluster health probe failed", "cluster", cl.ID(), "err", err)
+		}
+	})
+}
+
+// every runs fn each interval until ctx ends.
+func every(ctx context.Context, interval time.Duration, fn func()) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -359,11 +362,7 @@ func (d *daemon) probe(ctx context.Context, cl *hsm.Cluster, interval time.Durat
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			pctx, cancel := context.WithTimeout(ctx, min(interval, 5*time.Second))
-			if err := cl.ProveIdentity(pctx); err != nil && ctx.Err() == nil {
-				d.log.Warn("cluster health probe failed", "cluster", cl.ID(), "err", err)
-			}
-			cancel()
+			fn()
 		}
 	}
 }
